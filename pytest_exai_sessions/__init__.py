@@ -1,0 +1,37 @@
+"""Persistent PostgreSQL-backed sessions, and a pytest plugin that proves they survive a crash.
+
+Importing this package does not import pytest: applications use the core in production.
+"""
+
+from .errors import (
+    ExaiSessionsError,
+    MigrationError,
+    PersistenceError,
+    SessionLimitExceeded,
+    SessionNotFound,
+)
+from .manager import SessionManager
+from .models import Session, SessionState, UserType
+from .recovery import RecoveryDiff, assert_full_recovery, compare_snapshots, snapshot
+from .schema import apply_migrations, load_migrations, migration_status
+from .store import SessionStore
+
+__all__ = [
+    "ExaiSessionsError",
+    "MigrationError",
+    "PersistenceError",
+    "RecoveryDiff",
+    "Session",
+    "SessionLimitExceeded",
+    "SessionManager",
+    "SessionNotFound",
+    "SessionState",
+    "SessionStore",
+    "UserType",
+    "apply_migrations",
+    "assert_full_recovery",
+    "compare_snapshots",
+    "load_migrations",
+    "migration_status",
+    "snapshot",
+]

@@ -1,0 +1,58 @@
+"""``exai-sessions migrate|status``: bring a real database to the current schema."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import psycopg
+
+from .errors import ExaiSessionsError
+from .schema import apply_migrations, load_migrations, migration_status
+
+DSN_VARIABLE = "EXAI_SESSIONS_DSN"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exai-sessions", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("migrate", "apply pending migrations"), ("status", "list applied and pending migrations")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--dsn", default=os.environ.get(DSN_VARIABLE), help=f"PostgreSQL DSN [env {DSN_VARIABLE}]")
+    commands.choices["migrate"].add_argument(
+        "--dry-run", action="store_true", help="print the SQL of pending migrations instead of running it"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.dsn:
+        print(f"exai-sessions: no database given: pass --dsn or set {DSN_VARIABLE}", file=sys.stderr)
+        return 2
+    try:
+        with psycopg.connect(args.dsn, autocommit=True) as conn:
+            if args.command == "status" or args.dry_run:
+                statuses = migration_status(conn, load_migrations())
+                for status in statuses:
+                    if args.command == "status":
+                        state = f"applied {status.applied_at:%Y-%m-%d %H:%M:%S%z}" if status.applied_at else "pending"
+                        print(f"{status.migration.filename}: {state}")
+                    elif status.applied_at is None:
+                        print(f"-- {status.migration.filename}\n{status.migration.sql}")
+                return 0
+            applied = apply_migrations(conn)
+            for migration in applied:
+                print(f"applied {migration.filename}")
+            if not applied:
+                print("nothing to apply: the schema is up to date")
+            return 0
+    except (ExaiSessionsError, psycopg.Error) as error:
+        reason = " ".join(str(error).split())
+        print(f"exai-sessions: {reason}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

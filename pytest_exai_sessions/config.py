@@ -1,0 +1,129 @@
+"""The plugin's options: one frozen record, read command line > environment > ini > default.
+
+Unlike ``getoption() or getini()``, an explicit false or empty value is respected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # ini key; the flag is --exai-... with dashes
+    help: str
+    env: str | None = None
+    kind: str = "string"  # string | bool | linelist
+    default: Any = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS = (
+    Option(
+        "exai_dsn",
+        "DSN of an existing PostgreSQL to use instead of starting a temporary one",
+        env="EXAI_SESSIONS_DSN",
+    ),
+    Option(
+        "exai_pg_bin",
+        "directory of the PostgreSQL server binaries (or the path of pg_ctl); "
+        "default: pg_config --bindir, then PATH, then the usual install paths",
+        env="EXAI_SESSIONS_PG_BIN",
+    ),
+    Option(
+        "exai_pg_os_user",
+        "OS user the temporary server runs as when pytest runs as root (PostgreSQL refuses root); default: postgres",
+        env="EXAI_SESSIONS_PG_OS_USER",
+    ),
+    Option(
+        "exai_pg_basedir",
+        "directory the temporary cluster is created in; default: /dev/shm when writable, else the temp dir",
+        env="EXAI_SESSIONS_PG_BASEDIR",
+    ),
+    Option("exai_pg_tcp", "also listen on 127.0.0.1 (default: a private unix socket only)", kind="bool", default=False),
+    Option("exai_pg_port", "TCP port with --exai-pg-tcp; default: a free one below 32768"),
+    Option(
+        "exai_pg_settings",
+        "extra server settings NAME=VALUE (repeat the flag; one per line in ini)",
+        kind="linelist",
+        default=(),
+    ),
+    Option("exai_pg_startup_timeout", "seconds to wait for the temporary server to accept connections", default="30"),
+)
+
+
+@dataclass(frozen=True)
+class ExaiConfig:
+    dsn: str | None = None
+    pg_bin: str | None = None
+    pg_os_user: str | None = None
+    pg_basedir: Path | None = None
+    pg_tcp: bool = False
+    pg_port: int | None = None
+    pg_settings: dict[str, str] = field(default_factory=dict)
+    pg_startup_timeout: float = 30.0
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("exai-sessions", "pytest-exai-sessions: temporary PostgreSQL and persistent sessions")
+    for option in OPTIONS:
+        where = f" [env {option.env}]" if option.env else ""
+        default = f" (default: {option.default})" if option.default not in (None, ()) else ""
+        if option.kind == "bool":
+            group.addoption(option.flag, action="store_true", default=None, dest=option.name, help=option.help + where)
+            parser.addini(option.name, option.help + default, type="bool", default=option.default)
+        elif option.kind == "linelist":
+            group.addoption(option.flag.rstrip("s"), action="append", default=None, dest=option.name, help=option.help)
+            parser.addini(option.name, option.help, type="linelist", default=[])
+        else:
+            group.addoption(option.flag, default=None, dest=option.name, help=option.help + where + default)
+            parser.addini(option.name, option.help + default, default=option.default)
+
+
+def _raw(config: pytest.Config, option: Option, environ: dict[str, str]) -> Any:
+    from_cli = config.getoption(option.name)
+    if from_cli is not None:
+        return from_cli
+    if option.env and option.env in environ:
+        return environ[option.env]
+    return config.getini(option.name)
+
+
+def _settings(lines: list[str]) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip():
+            raise pytest.UsageError(f"--exai-pg-setting expects NAME=VALUE, got {line!r}")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def _number(name: str, value: Any, convert: Callable[[str], Any]) -> Any:
+    try:
+        return convert(str(value))
+    except ValueError:
+        raise pytest.UsageError(f"{name} expects a number, got {value!r}") from None
+
+
+def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
+    raw = {option.name: _raw(config, option, environ) for option in OPTIONS}
+    port = raw["exai_pg_port"]
+    return ExaiConfig(
+        dsn=raw["exai_dsn"] or None,
+        pg_bin=raw["exai_pg_bin"] or None,
+        pg_os_user=raw["exai_pg_os_user"] or None,
+        pg_basedir=Path(raw["exai_pg_basedir"]) if raw["exai_pg_basedir"] else None,
+        pg_tcp=bool(raw["exai_pg_tcp"]),
+        pg_port=_number("--exai-pg-port", port, int) if port else None,
+        pg_settings=_settings(list(raw["exai_pg_settings"] or [])),
+        pg_startup_timeout=_number("--exai-pg-startup-timeout", raw["exai_pg_startup_timeout"], float),
+    )

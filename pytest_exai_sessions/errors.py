@@ -1,0 +1,37 @@
+"""Exceptions of the core store: what went wrong and, where it helps, what to do."""
+
+from __future__ import annotations
+
+
+class ExaiSessionsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class SessionLimitExceeded(ExaiSessionsError, RuntimeError):
+    """Creating one more session would pass ``max_concurrent_sessions``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Maximum concurrent sessions ({limit}) reached: remove or clean up sessions, "
+            "or raise max_concurrent_sessions"
+        )
+        self.limit = limit
+
+
+class SessionNotFound(ExaiSessionsError, KeyError):
+    """No active, not timed-out session has this id."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
+
+    def __str__(self) -> str:
+        return f"no active session {self.session_id!r} (unknown, removed, expired or timed out)"
+
+
+class PersistenceError(ExaiSessionsError):
+    """The database refused or could not be reached; the operation did not take effect."""
+
+
+class MigrationError(ExaiSessionsError):
+    """A migration file could not be applied, or an applied one has changed since."""

@@ -1,0 +1,396 @@
+"""SessionManager: sessions in memory, every change written through to PostgreSQL first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any, Self
+
+from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
+from .models import Session, SessionState, check_duration_ms, check_session_id, utc_now
+from .store import SessionStore
+
+logger = logging.getLogger(__name__)
+
+# What ensure(**attrs) may set when it creates a session.
+CREATE_ATTRIBUTES = frozenset({"user_id", "user_type", "ip_address", "user_agent", "data", "metadata", "expires_at"})
+UPDATE_ATTRIBUTES = CREATE_ATTRIBUTES | {"state"}
+
+
+class SessionManager:
+    """Sessions in memory with write-through persistence and recovery after a restart.
+
+    With ``store=None`` it keeps sessions in memory only (what the original manager did).
+    With a store, every call writes to PostgreSQL before it returns, so a crash right
+    after a returned ``await`` loses nothing, and ``start()`` recovers every live session.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore | None = None,
+        *,
+        session_timeout_secs: float = 3600,
+        max_concurrent_sessions: int = 100,
+        cleanup_interval_secs: float = 300,
+        max_inflight: int = 8,
+        close_store: bool = False,
+    ) -> None:
+        """``close_store=True`` makes ``aclose()`` close the store too (for a store opened just for it)."""
+        _require_positive("session_timeout_secs", session_timeout_secs)
+        _require_positive("max_concurrent_sessions", max_concurrent_sessions)
+        _require_positive("max_inflight", max_inflight)
+        if cleanup_interval_secs < 0:
+            raise ValueError(f"cleanup_interval_secs must be >= 0 (0 turns periodic cleanup off), got {cleanup_interval_secs}")
+        self.store = store
+        self.session_timeout_secs = session_timeout_secs
+        self.max_concurrent_sessions = max_concurrent_sessions
+        self.cleanup_interval_secs = cleanup_interval_secs
+        self.max_inflight = max_inflight
+        self.last_cleanup_error: BaseException | None = None
+        self._sessions: dict[str, Session] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._creating = 0
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._owns_store = close_store
+        self._started = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword options this manager was built with (a restart reuses them)."""
+        return {
+            "session_timeout_secs": self.session_timeout_secs,
+            "max_concurrent_sessions": self.max_concurrent_sessions,
+            "cleanup_interval_secs": self.cleanup_interval_secs,
+            "max_inflight": self.max_inflight,
+        }
+
+    @property
+    def persistence_enabled(self) -> bool:
+        return self.store is not None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, dsn: str, *, store_options: dict[str, Any] | None = None, **options: Any) -> AsyncIterator[Self]:
+        """Open a store on ``dsn``, recover, yield the started manager; close both on exit."""
+        store = await SessionStore.open(dsn, **(store_options or {}))
+        try:
+            manager = cls(store, close_store=True, **options)
+        except BaseException:
+            await store.close()
+            raise
+        try:
+            await manager.start()
+            yield manager
+        finally:
+            await manager.aclose()
+
+    # lifecycle
+
+    async def start(self) -> Self:
+        """Recover persisted sessions and start periodic cleanup; calling it again does nothing."""
+        if self._started:
+            return self
+        await self.recover_all_sessions()
+        if self.cleanup_interval_secs > 0:
+            self._cleanup_task = asyncio.create_task(self._cleanup_periodically(), name="exai-sessions-cleanup")
+        self._started = True
+        return self
+
+    async def aclose(self) -> None:
+        """Stop periodic cleanup and release connections (the store too if this manager opened it)."""
+        await self._stop_cleanup()
+        self._started = False
+        if self._owns_store and self.store is not None:
+            await self.store.close()
+
+    async def abandon(self) -> None:
+        """Stop as a killed process would: no flush, no graceful close. For crash tests."""
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            self._cleanup_task = None
+        self._started = False
+        if self.store is not None:
+            await self.store.abandon()
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _stop_cleanup(self) -> None:
+        task, self._cleanup_task = self._cleanup_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _cleanup_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.cleanup_interval_secs)
+            try:
+                await self.cleanup_stale_sessions()
+                self.last_cleanup_error = None
+            except PersistenceError as error:
+                # Nobody awaits this task: keep the error where callers can see it and try
+                # again next round, since an outage should not end cleanup for good.
+                self.last_cleanup_error = error
+                logger.warning("periodic session cleanup failed, retrying in %ss: %s", self.cleanup_interval_secs, error)
+
+    # time
+
+    def _now(self) -> datetime:
+        return utc_now()
+
+    def _stale_before(self, now: datetime) -> datetime:
+        return now - timedelta(seconds=self.session_timeout_secs)
+
+    def is_session_timed_out(self, session: Session) -> bool:
+        """True when the session is not active, idle past the timeout, or past ``expires_at``."""
+        now = self._now()
+        if session.state is not SessionState.ACTIVE:
+            return True
+        if session.expires_at is not None and session.expires_at <= now:
+            return True
+        return session.last_activity < self._stale_before(now)
+
+    def _live_in_memory(self, session_id: str) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is not None and self.is_session_timed_out(session):
+            return None
+        return session
+
+    def _forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._slots.pop(session_id, None)
+
+    # operations
+
+    async def ensure(self, session_id: str | None = None, **attrs: Any) -> Session:
+        """Return the live session ``session_id``, creating it (or a new id) if there is none."""
+        unknown = set(attrs) - CREATE_ATTRIBUTES
+        if unknown:
+            raise TypeError(f"ensure() got unknown attributes {sorted(unknown)}; allowed: {sorted(CREATE_ATTRIBUTES)}")
+        session_id = check_session_id(session_id) if session_id else secrets.token_urlsafe(32)
+        existing = self._live_in_memory(session_id)
+        if existing is not None:
+            return existing
+        # A timed-out copy must neither be returned nor count towards the limit.
+        self._forget(session_id)
+        now = self._now()
+        # Validate before anything is written: bad input raises here and writes nothing.
+        candidate = Session(session_id=session_id, created_at=now, last_activity=now, **attrs)
+        if self.store is None:
+            self._reserve_slot_for_new_session()
+            stored = _detached(candidate)
+        else:
+            stored = await self._create_or_load(candidate, now)
+        self._sessions[session_id] = stored
+        return stored
+
+    def _reserve_slot_for_new_session(self) -> None:
+        if len(self._sessions) + self._creating >= self.max_concurrent_sessions:
+            raise SessionLimitExceeded(self.max_concurrent_sessions)
+
+    async def _create_or_load(self, candidate: Session, now: datetime) -> Session:
+        assert self.store is not None
+        stale_before = self._stale_before(now)
+        session_id = candidate.session_id
+        if len(self._sessions) + self._creating >= self.max_concurrent_sessions:
+            # At the limit only an existing session may come in: loading is never refused.
+            loaded = await self.store.fetch_live(session_id, stale_before=stale_before, now=now)
+            if loaded is None:
+                raise SessionLimitExceeded(self.max_concurrent_sessions)
+            return loaded
+        self._creating += 1
+        try:
+            created = await self.store.create(candidate, stale_before=stale_before, now=now)
+            if created is not None:
+                return created
+            loaded = await self.store.fetch_live(session_id, stale_before=stale_before, now=now)
+            if loaded is not None:
+                return loaded
+            # The live row went stale between the two statements: creating now succeeds.
+            created = await self.store.create(candidate, stale_before=stale_before, now=now)
+            if created is None:
+                raise PersistenceError(f"session {session_id!r} changed concurrently while being created; retry")
+            return created
+        finally:
+            self._creating -= 1
+
+    async def get(self, session_id: str) -> Session | None:
+        """The live session ``session_id`` (from memory, else the database), or None; never creates."""
+        session = self._live_in_memory(session_id)
+        if session is not None or self.store is None:
+            return session
+        now = self._now()
+        loaded = await self.store.fetch_live(session_id, stale_before=self._stale_before(now), now=now)
+        if loaded is None:
+            self._forget(session_id)
+            return None
+        self._sessions[session_id] = loaded
+        return loaded
+
+    async def remove(self, session_id: str) -> None:
+        """Delete the session from memory and the database; unknown ids are ignored."""
+        if self.store is not None:
+            await self.store.delete(session_id)
+        self._forget(session_id)
+
+    async def list_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    async def update_activity(self, session_id: str, request_duration_ms: int | None = None) -> Session:
+        """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now."""
+        duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
+        now = self._now()
+        if self.store is None:
+            current = self._require_live_in_memory(session_id)
+            updated = current.model_copy(
+                update={
+                    "request_count": current.request_count + 1,
+                    "total_duration_ms": current.total_duration_ms + duration,
+                    "last_activity": now,
+                }
+            )
+        else:
+            updated = await self.store.record_request(
+                session_id, duration_ms=duration, now=now, stale_before=self._stale_before(now)
+            )
+            updated = self._require_stored(session_id, updated)
+        self._sessions[session_id] = updated
+        return updated
+
+    async def update(
+        self,
+        session_id: str,
+        *,
+        data: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        user_id: str | None = None,
+        user_type: str | None = None,
+        ip_address: str | None = None,
+        user_agent: str | None = None,
+        expires_at: datetime | None = None,
+        state: str | None = None,
+    ) -> Session:
+        """Replace the given fields (None leaves a field as it is) and refresh ``last_activity``."""
+        given = {
+            "data": data,
+            "metadata": metadata,
+            "user_id": user_id,
+            "user_type": user_type,
+            "ip_address": ip_address,
+            "user_agent": user_agent,
+            "expires_at": expires_at,
+            "state": state,
+        }
+        given = {name: value for name, value in given.items() if value is not None}
+        # Validated as a whole record, so update() obeys exactly the rules ensure() does.
+        validated = Session.model_validate({"session_id": session_id, **given})
+        changes = {name: getattr(validated, name) for name in given}
+        now = self._now()
+        if self.store is None:
+            current = self._require_live_in_memory(session_id)
+            updated = _detached(current.model_copy(update={**changes, "last_activity": now}))
+        else:
+            updated = self._require_stored(
+                session_id,
+                await self.store.update(session_id, changes, now=now, stale_before=self._stale_before(now)),
+            )
+        if updated.state is SessionState.ACTIVE:
+            self._sessions[session_id] = updated
+        else:
+            self._forget(session_id)
+        return updated
+
+    @asynccontextmanager
+    async def request(self, session_id: str) -> AsyncIterator[Session]:
+        """Hold one of the session's ``max_inflight`` slots; on exit count the request and its duration."""
+        session = await self.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        slot = self._slots.setdefault(session_id, asyncio.Semaphore(self.max_inflight))
+        async with slot:
+            started = time.monotonic()
+            try:
+                yield session
+            finally:
+                elapsed_ms = int((time.monotonic() - started) * 1000)
+                await self.update_activity(session_id, request_duration_ms=elapsed_ms)
+
+    async def cleanup_stale_sessions(self) -> int:
+        """Drop timed-out sessions from memory and mark them expired in the database; return how many."""
+        stale = [sid for sid, session in self._sessions.items() if self.is_session_timed_out(session)]
+        if not stale:
+            return 0
+        if self.store is not None:
+            now = self._now()
+            await self.store.expire(stale, stale_before=self._stale_before(now), now=now)
+        for session_id in stale:
+            self._forget(session_id)
+        return len(stale)
+
+    async def get_session_metrics(self) -> dict[str, Any]:
+        """Counts and ages (seconds) of the sessions in memory."""
+        now = self._now()
+        ages = [(now - session.created_at).total_seconds() for session in self._sessions.values()]
+        active = sum(1 for session in self._sessions.values() if not self.is_session_timed_out(session))
+        return {
+            "total_sessions": len(ages),
+            "active_sessions": active,
+            "oldest_session_age": max(ages, default=0.0),
+            "newest_session_age": min(ages, default=0.0),
+            "avg_session_age": sum(ages) / len(ages) if ages else 0.0,
+            "persistence_enabled": self.persistence_enabled,
+        }
+
+    async def recover_all_sessions(self) -> int:
+        """Load every live persisted session into memory, however many, even above the limit."""
+        if self.store is None:
+            return 0
+        now = self._now()
+        recovered = 0
+        async for session in self.store.iter_live(stale_before=self._stale_before(now), now=now):
+            self._sessions[session.session_id] = session
+            recovered += 1
+        return recovered
+
+    def sessions(self) -> dict[str, Session]:
+        """A copy of the in-memory sessions by id (the records are immutable)."""
+        return dict(self._sessions)
+
+    def _require_live_in_memory(self, session_id: str) -> Session:
+        session = self._live_in_memory(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        return session
+
+    def _require_stored(self, session_id: str, stored: Session | None) -> Session:
+        if stored is None:
+            self._forget(session_id)
+            raise SessionNotFound(session_id)
+        return stored
+
+    def __repr__(self) -> str:
+        where = "persisted" if self.store is not None else "in memory"
+        return f"<{type(self).__name__} {len(self._sessions)} sessions, {where}>"
+
+
+def _require_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _detached(session: Session) -> Session:
+    """A copy whose JSON fields share nothing with the caller's objects (memory-only mode)."""
+    return session.model_copy(
+        update={"data": json.loads(json.dumps(session.data)), "metadata": json.loads(json.dumps(session.metadata))}
+    )

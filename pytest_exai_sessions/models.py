@@ -1,0 +1,155 @@
+"""The persisted session record and the rules its fields obey."""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from datetime import UTC, datetime
+from enum import StrEnum
+from ipaddress import ip_address
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+MAX_ID_LENGTH = 255
+# Deep nesting makes json and jsonb recurse; beyond this a payload is almost surely a bug.
+MAX_JSON_DEPTH = 64
+# Rows far above this make every recovery slow; store large blobs elsewhere and keep a reference.
+MAX_JSON_BYTES = 1_000_000
+# A request that took longer than a week is a clock or unit error, not a measurement.
+MAX_DURATION_MS = 7 * 24 * 3600 * 1000
+
+
+class SessionState(StrEnum):
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    EXPIRED = "expired"
+
+
+class UserType(StrEnum):
+    HUMAN = "human"
+    AGENT = "agent"
+    SYSTEM = "system"
+
+
+def check_session_id(value: object) -> str:
+    """Return ``value`` if it is a valid session id, else raise ``ValueError`` saying why."""
+    if not isinstance(value, str):
+        raise ValueError(f"session id must be a str, not {type(value).__name__}")
+    if not value.strip():
+        raise ValueError("session id must not be empty or blank")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"session id is {len(value)} characters long; at most {MAX_ID_LENGTH} are allowed")
+    for position, char in enumerate(value):
+        if unicodedata.category(char) == "Cc":
+            raise ValueError(f"session id contains control character {char!r} at position {position}")
+    return value
+
+
+def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
+    """Accept only what JSON (and PostgreSQL's jsonb) store and give back unchanged.
+
+    Nothing is coerced: a tuple would come back as a list, a set or bytes not at all,
+    so they are errors here rather than surprises after a reload.
+    """
+    _check_json_value(value, "$", 0)
+    # Size is measured on the encoding the store sends.
+    encoded_size = len(_json_dumps(value).encode())
+    if encoded_size > MAX_JSON_BYTES:
+        raise ValueError(f"JSON payload is {encoded_size} bytes; at most {MAX_JSON_BYTES} are allowed")
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _check_json_value(value: Any, path: str, depth: int) -> None:
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nesting deeper than {MAX_JSON_DEPTH} levels at {path}")
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} at {path} is not valid JSON")
+        return
+    if isinstance(value, str):
+        # jsonb cannot hold U+0000 at all: PostgreSQL rejects the whole value.
+        if "\x00" in value:
+            raise ValueError(f"string at {path} contains NUL, which PostgreSQL jsonb cannot store")
+        return
+    if type(value) is list:
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{path}[{index}]", depth + 1)
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"key {key!r} at {path} is not a str; JSON object keys are strings")
+            if "\x00" in key:
+                raise ValueError(f"key at {path} contains NUL, which PostgreSQL jsonb cannot store")
+            _check_json_value(item, f"{path}.{key}", depth + 1)
+        return
+    raise ValueError(f"{type(value).__name__} at {path} is not JSON (use dict, list, str, int, float, bool or None)")
+
+
+def check_ip_address(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+def check_duration_ms(value: object) -> int:
+    """Durations are whole, non-negative milliseconds of a plausible size."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"duration must be an int number of milliseconds, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"duration must not be negative, got {value} ms")
+    if value > MAX_DURATION_MS:
+        raise ValueError(f"duration of {value} ms is implausible (more than {MAX_DURATION_MS} ms)")
+    return value
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+SessionId = Annotated[str, AfterValidator(check_session_id)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class Session(BaseModel):
+    """One persisted session, field for field what ``public.sessions`` holds."""
+
+    # Frozen: a change must go through the manager, which writes it to the database first.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    session_id: SessionId
+    state: SessionState = SessionState.ACTIVE
+    user_id: StrictStr | None = None
+    user_type: UserType = UserType.HUMAN
+    ip_address: str | None = None
+    user_agent: StrictStr | None = None
+    data: JsonObject = Field(default_factory=dict)
+    metadata: JsonObject = Field(default_factory=dict)
+    request_count: StrictInt = Field(default=0, ge=0)
+    total_duration_ms: StrictInt = Field(default=0, ge=0)
+    created_at: UtcDatetime = Field(default_factory=utc_now)
+    last_activity: UtcDatetime = Field(default_factory=utc_now)
+    expires_at: UtcDatetime | None = None
+
+    @field_validator("ip_address")
+    @classmethod
+    def _valid_ip(cls, value: str | None) -> str | None:
+        return check_ip_address(value)

@@ -1,0 +1,181 @@
+"""The migration runner: applies ``sql/NNN_name.sql`` in order and records what it applied.
+
+Each file runs in its own transaction together with its record, so a failing file
+leaves the database as it was. Runs serialise on an advisory lock, so two processes
+migrating one database at once (xdist workers, app replicas) both succeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from .errors import MigrationError
+
+_FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
+LEDGER_SCHEMA = "exai_schema"
+LEDGER_TABLE = "applied_migrations"
+# An arbitrary constant: every runner, in any process, takes the same lock.
+_ADVISORY_LOCK_KEY = int.from_bytes(b"exai-mig", "big") >> 1  # shifted to fit a signed bigint
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    filename: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    migration: Migration
+    applied_at: datetime | None
+
+
+def migrations_dir() -> Traversable:
+    """The ``sql/`` directory: inside the installed package, or at the top of a checkout."""
+    packaged = importlib.resources.files("pytest_exai_sessions").joinpath("sql")
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "sql"
+    if checkout.is_dir():
+        return checkout
+    raise MigrationError(
+        f"no sql/ directory found, neither in the installed package ({packaged}) nor in a checkout ({checkout}); "
+        "reinstall pytest-exai-sessions"
+    )
+
+
+def load_migrations(directory: Traversable | Path | None = None) -> list[Migration]:
+    """Every migration file in ``directory`` (default: the packaged ones), ordered by version."""
+    directory = directory if directory is not None else migrations_dir()
+    migrations: dict[int, Migration] = {}
+    for entry in directory.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _FILE_NAME.match(entry.name)
+        if match is None:
+            raise MigrationError(f"{entry.name}: migration files must be named NNN_lower_snake_name.sql")
+        version = int(match["version"])
+        if version in migrations:
+            raise MigrationError(f"{entry.name} and {migrations[version].filename} share version {version}")
+        migrations[version] = Migration(version, match["name"], entry.name, entry.read_text(encoding="utf-8"))
+    if not migrations:
+        raise MigrationError(f"no migration files in {directory}")
+    return [migrations[v] for v in sorted(migrations)]
+
+
+def latest_version(migrations: list[Migration] | None = None) -> int:
+    return (migrations or load_migrations())[-1].version
+
+
+def _ensure_ledger(conn: psycopg.Connection) -> None:
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(LEDGER_SCHEMA)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE))
+    )
+
+
+def _applied(conn: psycopg.Connection) -> dict[int, tuple[str, str, datetime]]:
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{LEDGER_SCHEMA}.{LEDGER_TABLE}",)).fetchone()
+    if not exists or not exists[0]:
+        return {}
+    rows = conn.execute(
+        sql.SQL("SELECT version, name, checksum, applied_at FROM {}").format(sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE))
+    ).fetchall()
+    return {version: (name, checksum, applied_at) for version, name, checksum, applied_at in rows}
+
+
+def _check_unchanged(migrations: list[Migration], applied: dict[int, tuple[str, str, datetime]]) -> None:
+    for migration in migrations:
+        if migration.version in applied and applied[migration.version][1] != migration.checksum:
+            raise MigrationError(
+                f"{migration.filename} was changed after it was applied (checksum differs from the one recorded "
+                f"in {LEDGER_SCHEMA}.{LEDGER_TABLE}); add a new migration instead of editing an applied one"
+            )
+
+
+def migration_status(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> list[MigrationStatus]:
+    """Each migration with the time it was applied, or None when it is pending."""
+    migrations = migrations or load_migrations()
+    applied = _applied(conn)
+    _check_unchanged(migrations, applied)
+    return [MigrationStatus(m, applied[m.version][2] if m.version in applied else None) for m in migrations]
+
+
+def apply_migrations(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> list[Migration]:
+    """Apply every pending migration in order; return those applied (empty when up to date)."""
+    migrations = migrations or load_migrations()
+    if not conn.autocommit:
+        conn.rollback()
+        conn.autocommit = True
+    conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+    try:
+        with conn.transaction():
+            _ensure_ledger(conn)
+        applied = _applied(conn)
+        _check_unchanged(migrations, applied)
+        done: list[Migration] = []
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            _apply_one(conn, migration)
+            done.append(migration)
+        return done
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
+
+
+def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
+    try:
+        with conn.transaction():
+            conn.execute(migration.sql.encode())  # bytes: run as one multi-statement script
+            conn.execute(
+                sql.SQL("INSERT INTO {} (version, name, checksum) VALUES (%s, %s, %s)").format(
+                    sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)
+                ),
+                (migration.version, migration.name, migration.checksum),
+            )
+    except psycopg.Error as error:
+        raise MigrationError(
+            f"{migration.filename} failed and was rolled back: {_explain(error, migration.sql)}"
+        ) from error
+
+
+def _explain(error: psycopg.Error, script: str) -> str:
+    diag = error.diag
+    parts = [diag.message_primary or str(error).strip()]
+    if diag.message_detail:
+        parts.append(f"detail: {diag.message_detail}")
+    if diag.context:
+        parts.append(f"where: {diag.context.strip()}")
+    if diag.statement_position:
+        # The position counts characters of the whole script; a line number is what an editor shows.
+        offset = int(diag.statement_position) - 1
+        line_number = script.count("\n", 0, offset) + 1
+        line = script.splitlines()[line_number - 1].strip() if script else ""
+        parts.append(f"at line {line_number}: {line}")
+    return "; ".join(parts)
+
+
+def apply_to_dsn(dsn: str) -> list[Migration]:
+    """Connect to ``dsn``, apply pending migrations, disconnect."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return apply_migrations(conn)

@@ -1,0 +1,94 @@
+"""Finding the PostgreSQL server binaries without any configuration."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import ExaiSessionsError
+
+# Where distributions and package managers put server binaries, newest first within each.
+_USUAL_PLACES = (
+    "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
+    "/usr/pgsql-*/bin",  # RHEL, Fedora (PGDG)
+    "/opt/homebrew/opt/postgresql@*/bin",  # Homebrew on Apple silicon
+    "/usr/local/opt/postgresql@*/bin",  # Homebrew on Intel
+    "/opt/homebrew/bin",
+    "/usr/local/pgsql/bin",  # built from source
+    "/Applications/Postgres.app/Contents/Versions/*/bin",
+)
+REQUIRED = ("initdb", "postgres")
+
+
+class PostgresNotFound(ExaiSessionsError):
+    """No PostgreSQL server binaries were found."""
+
+
+def _has_server(bindir: Path) -> bool:
+    return all((bindir / name).is_file() and os.access(bindir / name, os.X_OK) for name in REQUIRED)
+
+
+def _version_key(path: str) -> tuple[int, ...]:
+    digits = "".join(ch if ch.isdigit() else " " for ch in path).split()
+    return tuple(int(d) for d in digits)
+
+
+def _from_pg_config() -> Path | None:
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    try:
+        result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(result.stdout.strip())
+
+
+def _from_path() -> Path | None:
+    found = shutil.which("postgres") or shutil.which("pg_ctl")
+    # Distributions link the binaries into PATH; the real directory holds all of them.
+    return Path(found).resolve().parent if found else None
+
+
+def candidate_bindirs(explicit: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Where to look, in order: the option, pg_config, PATH, the usual install paths."""
+    if explicit:
+        path = Path(explicit)
+        return [path.parent if path.is_file() else path]
+    candidates = [_from_pg_config(), _from_path()]
+    for pattern in _USUAL_PLACES:
+        candidates += [Path(p) for p in sorted(glob.glob(pattern), key=_version_key, reverse=True)]
+    return [c for c in candidates if c is not None]
+
+
+def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The directory holding ``initdb`` and ``postgres``, or PostgresNotFound saying what to do."""
+    candidates = candidate_bindirs(explicit)
+    for bindir in candidates:
+        if _has_server(bindir):
+            return bindir
+    if explicit:
+        raise PostgresNotFound(
+            f"--exai-pg-bin={explicit}: no initdb and postgres there. Point it at the directory "
+            "holding pg_ctl, initdb and postgres (for example /usr/lib/postgresql/16/bin)."
+        )
+    looked = ", ".join(str(c) for c in candidates) or "nothing found on PATH or in the usual places"
+    raise PostgresNotFound(
+        "PostgreSQL server binaries (initdb, postgres) not found; looked in: "
+        f"{looked}. Install the server (apt install postgresql, dnf install postgresql-server, "
+        "brew install postgresql) or set --exai-pg-bin / the exai_pg_bin ini option to the directory "
+        "holding pg_ctl, or use an existing server with --exai-dsn."
+    )
+
+
+def server_version(bindir: Path) -> str:
+    """The version the ``postgres`` binary reports, e.g. ``15.18``."""
+    result = subprocess.run(
+        [str(bindir / "postgres"), "--version"], capture_output=True, text=True, timeout=10, check=True
+    )
+    match = re.search(r"\(PostgreSQL\)\s+(\S+)", result.stdout)
+    return match.group(1) if match else result.stdout.strip()

@@ -1,0 +1,263 @@
+"""SessionStore: every statement that reads or writes ``public.sessions``.
+
+Each write is one autocommit statement, so a returned ``await`` means committed, and
+counters are incremented in SQL so that concurrent writers never lose an update.
+Every method returns the row as PostgreSQL stored it: what a manager keeps in
+memory is, by construction, what a reload after a crash returns.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Self
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+
+from .errors import PersistenceError
+from .models import Session
+
+# Python field -> column of public.sessions; the one place that knows the mapping.
+COLUMNS: Mapping[str, str] = {
+    "session_id": "session_id",
+    "state": "session_state",
+    "user_id": "user_id",
+    "user_type": "user_type",
+    "ip_address": "ip_address",
+    "user_agent": "user_agent",
+    "data": "session_data",
+    "metadata": "metadata",
+    "request_count": "request_count",
+    "total_duration_ms": "total_duration_ms",
+    "created_at": "created_at",
+    "last_activity": "last_activity_at",
+    "expires_at": "expires_at",
+}
+_JSON_FIELDS = frozenset({"data", "metadata"})
+_TABLE = sql.Identifier("public", "sessions")
+
+
+def _select_list() -> sql.Composable:
+    # host() gives the bare address back; inet's text form would add a /32 mask.
+    items = [
+        sql.SQL("host({c}) AS {f}").format(c=sql.Identifier(column), f=sql.Identifier(field))
+        if field == "ip_address"
+        else sql.SQL("{c} AS {f}").format(c=sql.Identifier(column), f=sql.Identifier(field))
+        for field, column in COLUMNS.items()
+    ]
+    return sql.SQL(", ").join(items)
+
+
+_RETURNING = _select_list()
+# A row the manager may use: active, not idle past the cutoff, not past its expiry.
+_LIVE = sql.SQL(
+    "{t}.session_state = 'active' AND {t}.last_activity_at >= %(stale_before)s"
+    " AND ({t}.expires_at IS NULL OR {t}.expires_at > %(now)s)"
+)
+_LIVE_SESSIONS = _LIVE.format(t=sql.Identifier("sessions"))
+
+
+def _param(field: str, value: Any) -> Any:
+    if field in _JSON_FIELDS:
+        return Jsonb(value)
+    if field in ("state", "user_type"):
+        return str(value)
+    return value
+
+
+def _to_session(row: Mapping[str, Any]) -> Session:
+    try:
+        return Session.model_validate(row)
+    except ValidationError as error:
+        raise PersistenceError(
+            f"row of public.sessions with session_id {row.get('session_id')!r} is not a valid session: {error}"
+        ) from error
+
+
+@contextmanager
+def _database_errors(action: str) -> Iterator[None]:
+    """Turn every driver or pool failure into PersistenceError naming what was attempted."""
+    try:
+        yield
+    except psycopg.Error as error:
+        raise PersistenceError(f"{action} failed: {type(error).__name__}: {error}".rstrip()) from error
+
+
+class SessionStore:
+    """Async access to ``public.sessions`` through a connection pool."""
+
+    def __init__(
+        self, pool: AsyncConnectionPool, *, conninfo: str, application_name: str, pool_options: Mapping[str, Any]
+    ) -> None:
+        self._pool = pool
+        self.conninfo = conninfo
+        self.application_name = application_name
+        # What open() was given, so a crash helper can open an equal store again.
+        self.pool_options = dict(pool_options)
+
+    @classmethod
+    async def open(
+        cls,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        connect_timeout: int = 5,
+        application_name: str | None = None,
+    ) -> Self:
+        """Open a pool on ``conninfo`` and wait until one connection works.
+
+        ``timeout`` bounds how long a call waits for a connection, so an unreachable
+        database raises ``PersistenceError`` instead of hanging.
+        """
+        pool_options: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "timeout": timeout,
+            "connect_timeout": connect_timeout,
+        }
+        # A name of its own lets a crash helper find exactly this store's backends.
+        name = application_name or f"exai-sessions-{secrets.token_hex(4)}"
+        pool = AsyncConnectionPool(
+            conninfo,
+            kwargs={"autocommit": True, "connect_timeout": connect_timeout, "application_name": name},
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+        )
+        with _database_errors(f"connecting to {_describe(conninfo)}"):
+            await pool.open(wait=True, timeout=timeout)
+        return cls(pool, conninfo=conninfo, application_name=name, pool_options=pool_options)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def abandon(self) -> None:
+        """Drop the pool without waiting for anything, as a dying process would."""
+        await self._pool.close(timeout=0)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _fetch_one(self, action: str, query: sql.Composable, params: Mapping[str, Any]) -> Session | None:
+        with _database_errors(action):
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(query, params)
+                row = await cur.fetchone()
+        return None if row is None else _to_session(row)
+
+    async def create(self, session: Session, *, stale_before: datetime, now: datetime) -> Session | None:
+        """Insert ``session``, or restart a row under its id that is no longer live.
+
+        Returns the stored row, or None when a live session already holds the id.
+        """
+        fields = list(COLUMNS)
+        columns = sql.SQL(", ").join(sql.Identifier(COLUMNS[f]) for f in fields)
+        values = sql.SQL(", ").join(sql.Placeholder(f) for f in fields)
+        # created_at restarts too: a restarted id is a new session.
+        updates = sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(COLUMNS[f])) for f in fields if f != "session_id"
+        )
+        query = sql.SQL(
+            "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
+            " ON CONFLICT (session_id) DO UPDATE SET {updates} WHERE NOT ({live}) RETURNING {returning}"
+        ).format(
+            table=_TABLE, columns=columns, values=values, updates=updates, live=_LIVE_SESSIONS, returning=_RETURNING
+        )
+        params = {f: _param(f, getattr(session, f)) for f in fields}
+        params.update(stale_before=stale_before, now=now)
+        return await self._fetch_one(f"creating session {session.session_id!r}", query, params)
+
+    async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}").format(
+            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+        )
+        params = {"id": session_id, "stale_before": stale_before, "now": now}
+        return await self._fetch_one(f"loading session {session_id!r}", query, params)
+
+    async def record_request(
+        self, session_id: str, *, duration_ms: int, now: datetime, stale_before: datetime
+    ) -> Session | None:
+        """Count one request atomically; None when no live session has the id."""
+        query = sql.SQL(
+            "UPDATE {table} AS sessions SET request_count = request_count + 1,"
+            " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s"
+            " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
+        ).format(table=_TABLE, live=_LIVE_SESSIONS, returning=_RETURNING)
+        params = {"id": session_id, "duration_ms": duration_ms, "now": now, "stale_before": stale_before}
+        return await self._fetch_one(f"recording a request of session {session_id!r}", query, params)
+
+    async def update(
+        self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
+    ) -> Session | None:
+        """Set the given fields and ``last_activity``; None when no live session has the id."""
+        assignments = [
+            sql.SQL("{c} = {p}").format(c=sql.Identifier(COLUMNS[f]), p=sql.Placeholder(f"set_{f}")) for f in changes
+        ]
+        assignments.append(sql.SQL("last_activity_at = %(now)s"))
+        query = sql.SQL(
+            "UPDATE {table} AS sessions SET {assignments} WHERE session_id = %(id)s AND {live} RETURNING {returning}"
+        ).format(table=_TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_SESSIONS, returning=_RETURNING)
+        params: dict[str, Any] = {f"set_{f}": _param(f, value) for f, value in changes.items()}
+        params.update(id=session_id, now=now, stale_before=stale_before)
+        return await self._fetch_one(f"updating session {session_id!r}", query, params)
+
+    async def delete(self, session_id: str) -> bool:
+        query = sql.SQL("DELETE FROM {table} WHERE session_id = %s").format(table=_TABLE)
+        with _database_errors(f"deleting session {session_id!r}"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, (session_id,))
+                return cur.rowcount > 0
+
+    async def expire(self, session_ids: list[str], *, stale_before: datetime, now: datetime) -> list[str]:
+        """Mark the given sessions expired where they are no longer live; return those ids.
+
+        The liveness guard keeps a session another replica just used from being expired.
+        """
+        query = sql.SQL(
+            "UPDATE {table} AS sessions SET session_state = 'expired'"
+            " WHERE session_id = ANY(%(ids)s) AND session_state = 'active' AND NOT ({live})"
+            " RETURNING session_id"
+        ).format(table=_TABLE, live=_LIVE_SESSIONS)
+        with _database_errors(f"expiring {len(session_ids)} sessions"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, {"ids": session_ids, "stale_before": stale_before, "now": now})
+                return [row[0] for row in await cur.fetchall()]
+
+    async def iter_live(
+        self, *, stale_before: datetime, now: datetime, batch_size: int = 2000
+    ) -> AsyncIterator[Session]:
+        """Yield every live session, streamed through a server-side cursor (no page limit)."""
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
+            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+        )
+        with _database_errors("recovering sessions"):
+            async with self._pool.connection() as conn, conn.transaction():
+                cur = conn.cursor(name="exai_recover_sessions", row_factory=dict_row)
+                await cur.execute(query, {"stale_before": stale_before, "now": now})
+                while rows := await cur.fetchmany(batch_size):
+                    for row in rows:
+                        yield _to_session(row)
+
+
+def _describe(conninfo: str) -> str:
+    """The DSN without its password, for error messages."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "the database (unparsable DSN)"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None}) or "the default database"
