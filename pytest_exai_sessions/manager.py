@@ -56,6 +56,9 @@ class SessionManager:
         self.last_cleanup_error: BaseException | None = None
         self._sessions: dict[str, Session] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        # One write at a time per session: rows come back in commit order, so the copy
+        # in memory never goes back to an older version of the row.
+        self._write_locks: dict[str, asyncio.Lock] = {}
         self._creating = 0
         self._cleanup_task: asyncio.Task[None] | None = None
         self._owns_store = close_store
@@ -170,6 +173,10 @@ class SessionManager:
     def _forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
         self._slots.pop(session_id, None)
+        self._write_locks.pop(session_id, None)
+
+    def _write_lock(self, session_id: str) -> asyncio.Lock:
+        return self._write_locks.setdefault(session_id, asyncio.Lock())
 
     # operations
 
@@ -191,7 +198,14 @@ class SessionManager:
             self._reserve_slot_for_new_session()
             stored = _detached(candidate)
         else:
-            stored = await self._create_or_load(candidate, now)
+            async with self._write_lock(session_id):
+                # Another task may have created it while this one waited for the lock.
+                existing = self._live_in_memory(session_id)
+                if existing is not None:
+                    return existing
+                stored = await self._create_or_load(candidate, now)
+                self._sessions[session_id] = stored
+            return stored
         self._sessions[session_id] = stored
         return stored
 
@@ -233,7 +247,7 @@ class SessionManager:
         now = self._now()
         loaded = await self.store.fetch_live(session_id, stale_before=self._stale_before(now), now=now)
         if loaded is None:
-            self._forget(session_id)
+            # A timed-out copy stays for cleanup_stale_sessions(), which counts it and expires its row.
             return None
         self._sessions[session_id] = loaded
         return loaded
@@ -241,7 +255,8 @@ class SessionManager:
     async def remove(self, session_id: str) -> None:
         """Delete the session from memory and the database; unknown ids are ignored."""
         if self.store is not None:
-            await self.store.delete(session_id)
+            async with self._write_lock(session_id):
+                await self.store.delete(session_id)
         self._forget(session_id)
 
     async def list_ids(self) -> list[str]:
@@ -260,12 +275,15 @@ class SessionManager:
                     "last_activity": now,
                 }
             )
-        else:
-            updated = await self.store.record_request(
+            self._sessions[session_id] = updated
+            return updated
+        async with self._write_lock(session_id):
+            now = self._now()
+            stored = await self.store.record_request(
                 session_id, duration_ms=duration, now=now, stale_before=self._stale_before(now)
             )
-            updated = self._require_stored(session_id, updated)
-        self._sessions[session_id] = updated
+            updated = self._require_stored(session_id, stored)
+            self._sessions[session_id] = updated
         return updated
 
     async def update(
@@ -301,15 +319,20 @@ class SessionManager:
             current = self._require_live_in_memory(session_id)
             updated = _detached(current.model_copy(update={**changes, "last_activity": now}))
         else:
-            updated = self._require_stored(
-                session_id,
-                await self.store.update(session_id, changes, now=now, stale_before=self._stale_before(now)),
-            )
+            async with self._write_lock(session_id):
+                now = self._now()
+                stored = await self.store.update(session_id, changes, now=now, stale_before=self._stale_before(now))
+                updated = self._require_stored(session_id, stored)
+                self._apply_update(session_id, updated)
+            return updated
+        self._apply_update(session_id, updated)
+        return updated
+
+    def _apply_update(self, session_id: str, updated: Session) -> None:
         if updated.state is SessionState.ACTIVE:
             self._sessions[session_id] = updated
         else:
             self._forget(session_id)
-        return updated
 
     @asynccontextmanager
     async def request(self, session_id: str) -> AsyncIterator[Session]:
