@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_exai_sessions import assert_full_recovery
+from pytest_exai_sessions import SessionManager, assert_full_recovery
 
 
 @pytest.mark.asyncio
@@ -32,8 +32,6 @@ async def test_every_session_survives_a_crash(session_manager_factory, crash_har
 @pytest.mark.asyncio
 async def test_the_original_in_memory_manager_loses_everything(crash_harness):
     """What the status report's manager did: without a store, a restart recovers nothing."""
-    from pytest_exai_sessions import SessionManager
-
     manager = SessionManager(None)
     await manager.ensure("doomed")
 

@@ -15,8 +15,7 @@ async def test_sessions_are_written_through_to_postgres(session_manager, exai_ds
     # Every returned await is committed: another connection sees it at once.
     with psycopg.connect(exai_dsn) as conn:
         row = conn.execute(
-            "SELECT user_id, session_data, request_count, total_duration_ms FROM public.sessions"
-            " WHERE session_id = %s",
+            "SELECT user_id, session_data, request_count, total_duration_ms FROM public.sessions WHERE session_id = %s",
             (session.session_id,),
         ).fetchone()
     assert row == ("42", {"cart": ["apple"]}, 1, 15)
@@ -32,7 +31,6 @@ async def test_each_test_gets_a_fresh_database(session_manager):
 def test_the_unified_schema_is_applied(exai_dsn):
     with psycopg.connect(exai_dsn) as conn:
         tables = conn.execute(
-            "SELECT to_regclass('public.sessions') IS NOT NULL,"
-            " to_regclass('unified.event_metric_events') IS NOT NULL"
+            "SELECT to_regclass('public.sessions') IS NOT NULL, to_regclass('unified.event_metric_events') IS NOT NULL"
         ).fetchone()
     assert tables == (True, True)

@@ -17,7 +17,10 @@ DSN_VARIABLE = "EXAI_SESSIONS_DSN"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exai-sessions", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("migrate", "apply pending migrations"), ("status", "list applied and pending migrations")):
+    for name, help_text in (
+        ("migrate", "apply pending migrations"),
+        ("status", "list applied and pending migrations"),
+    ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--dsn", default=os.environ.get(DSN_VARIABLE), help=f"PostgreSQL DSN [env {DSN_VARIABLE}]")
     commands.choices["migrate"].add_argument(

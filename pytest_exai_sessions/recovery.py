@@ -41,7 +41,7 @@ class RecoveryDiff:
             for name, (before, after) in fields.items():
                 problems.append(f"session {sid!r} field {name}: before={before!r} after={after!r}")
         if len(problems) > limit:
-            problems = problems[:limit] + [f"... and {len(problems) - limit} more"]
+            problems = [*problems[:limit], f"... and {len(problems) - limit} more"]
         return problems
 
     def summary(self) -> str:

@@ -98,7 +98,9 @@ def _applied(conn: psycopg.Connection) -> dict[int, tuple[str, str, datetime]]:
     if not exists or not exists[0]:
         return {}
     rows = conn.execute(
-        sql.SQL("SELECT version, name, checksum, applied_at FROM {}").format(sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE))
+        sql.SQL("SELECT version, name, checksum, applied_at FROM {}").format(
+            sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)
+        )
     ).fetchall()
     return {version: (name, checksum, applied_at) for version, name, checksum, applied_at in rows}
 

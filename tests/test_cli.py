@@ -1,5 +1,6 @@
 """exai-sessions migrate / status: the command deployments run instead of pasting SQL."""
 
+import os
 import subprocess
 import sys
 
@@ -41,8 +42,6 @@ def test_migrate_brings_an_empty_database_to_the_current_schema(empty_dsn):
 
 
 def test_the_dsn_can_come_from_the_environment(empty_dsn):
-    import os
-
     result = run_cli("migrate", env={**os.environ, "EXAI_SESSIONS_DSN": empty_dsn})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("applied ")

@@ -14,7 +14,9 @@ class AuditedManager(SessionManager):
 
 async def backends_named(dsn, application_name):
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        cur = await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (application_name,))
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+        )
         return (await cur.fetchone())[0]
 
 

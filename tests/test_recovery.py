@@ -21,7 +21,11 @@ def test_equal_snapshots_pass():
 
 
 def test_the_message_names_each_missing_extra_and_changed_session():
-    before = {"gone": make("gone"), "same": make("same"), "moved": make("moved", request_count=3, data={"k": 1})}
+    before = {
+        "gone": make("gone"),
+        "same": make("same"),
+        "moved": make("moved", request_count=3, data={"k": 1}),
+    }
     after = {"same": make("same"), "moved": make("moved", request_count=2, data={"k": 1}), "new": make("new")}
 
     with pytest.raises(AssertionError) as failure:

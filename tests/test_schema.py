@@ -6,6 +6,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pytest_exai_sessions import MigrationError, apply_migrations, load_migrations, migration_status
 from pytest_exai_sessions.schema import migrations_dir
@@ -26,7 +27,9 @@ def test_the_runner_applies_everything_once_and_then_nothing(empty_dsn):
         first = apply_migrations(conn)
         second = apply_migrations(conn)
         statuses = migration_status(conn)
-        ledger = conn.execute("SELECT version, name, checksum FROM exai_schema.applied_migrations ORDER BY 1").fetchall()
+        ledger = conn.execute(
+            "SELECT version, name, checksum FROM exai_schema.applied_migrations ORDER BY 1"
+        ).fetchall()
 
     assert [m.version for m in first] == [m.version for m in load_migrations()]
     assert second == []
@@ -82,7 +85,7 @@ def test_a_failing_migration_names_file_and_line_and_leaves_nothing(empty_dsn, t
 
 def test_bad_file_names_and_duplicate_versions_are_refused(tmp_path):
     (tmp_path / "1_short.sql").write_text("SELECT 1;")
-    with pytest.raises(MigrationError, match="1_short.sql: migration files must be named NNN_lower_snake_name.sql"):
+    with pytest.raises(MigrationError, match=r"1_short\.sql: migration files must be named NNN_lower_snake_name\.sql"):
         load_migrations(tmp_path)
     (tmp_path / "1_short.sql").unlink()
     (tmp_path / "010_a.sql").write_text("SELECT 1;")
@@ -98,7 +101,7 @@ def test_concurrent_runners_serialise_and_both_succeed(empty_dsn):
         try:
             with connect(empty_dsn) as conn:
                 results.append(len(apply_migrations(conn)))
-        except Exception as error:  # collected and asserted below
+        except (MigrationError, psycopg.Error) as error:  # collected and asserted below
             errors.append(error)
 
     threads = [threading.Thread(target=migrate) for _ in range(4)]
@@ -139,13 +142,14 @@ class TestUnifiedEvents:
 
     def insert_event(self, conn, timestamp, **fields):
         columns = {"event_type": "login", "event_category": "auth", "source_system": "api", **fields}
-        names = ", ".join(columns)
-        marks = ", ".join(["%s"] * len(columns))
-        return conn.execute(
-            f"INSERT INTO unified.event_metric_events ({names}, event_timestamp) VALUES ({marks}, %s)"
-            " RETURNING tableoid::regclass::text, event_metadata",
-            (*columns.values(), timestamp),
-        ).fetchone()
+        query = sql.SQL(
+            "INSERT INTO unified.event_metric_events ({names}, event_timestamp) VALUES ({marks}, %s)"
+            " RETURNING tableoid::regclass::text, event_metadata"
+        ).format(
+            names=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            marks=sql.SQL(", ").join(sql.Placeholder() for _ in columns),
+        )
+        return conn.execute(query, (*columns.values(), timestamp)).fetchone()
 
     def test_eight_distinct_secondary_indexes(self, exai_dsn):
         with connect(exai_dsn) as conn:
@@ -234,7 +238,7 @@ class TestRowLevelSecurity:
 
     def visible_as(self, conn, role, sub=None):
         with conn.transaction():
-            conn.execute(f"SET LOCAL ROLE {role}")
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
             if sub:
                 conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (f'{{"sub": "{sub}"}}',))
             return sorted(r[0] for r in conn.execute("SELECT session_id FROM public.sessions").fetchall())
@@ -250,8 +254,10 @@ class TestRowLevelSecurity:
 
     def test_api_roles_cannot_write(self, conn):
         for role in ("anon", "authenticated"):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
-                with conn.transaction():
-                    conn.execute(f"SET LOCAL ROLE {role}")
-                    conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (f'{{"sub": "{self.ALICE}"}}',))
-                    conn.execute("INSERT INTO public.sessions (session_id, user_id) VALUES ('x', %s)", (self.ALICE,))
+            with (
+                pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"),
+                conn.transaction(),
+            ):
+                conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+                conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (f'{{"sub": "{self.ALICE}"}}',))
+                conn.execute("INSERT INTO public.sessions (session_id, user_id) VALUES ('x', %s)", (self.ALICE,))
