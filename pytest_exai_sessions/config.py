@@ -45,7 +45,8 @@ OPTIONS = (
     ),
     Option(
         "exai_pg_basedir",
-        "directory the temporary cluster is created in; default: /dev/shm when writable, else the temp dir",
+        "directory the temporary cluster is created in; "
+        "default: /dev/shm when writable with 1 GiB free, else the temp dir",
         env="EXAI_SESSIONS_PG_BASEDIR",
     ),
     Option("exai_pg_tcp", "also listen on 127.0.0.1 (default: a private unix socket only)", kind="bool", default=False),
@@ -124,6 +125,11 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
         pg_basedir=Path(raw["exai_pg_basedir"]) if raw["exai_pg_basedir"] else None,
         pg_tcp=bool(raw["exai_pg_tcp"]),
         pg_port=_number("--exai-pg-port", port, int) if port else None,
-        pg_settings=_settings(list(raw["exai_pg_settings"] or [])),
+        # Settings are a mapping, so precedence applies per setting: a --exai-pg-setting
+        # overrides that one ini line instead of discarding every setting from the ini file.
+        pg_settings={
+            **_settings(list(config.getini("exai_pg_settings") or [])),
+            **_settings(list(raw["exai_pg_settings"] or [])),
+        },
         pg_startup_timeout=_number("--exai-pg-startup-timeout", raw["exai_pg_startup_timeout"], float),
     )

@@ -47,7 +47,9 @@ class SessionManager:
         _require_positive("max_concurrent_sessions", max_concurrent_sessions)
         _require_positive("max_inflight", max_inflight)
         if cleanup_interval_secs < 0:
-            raise ValueError(f"cleanup_interval_secs must be >= 0 (0 turns periodic cleanup off), got {cleanup_interval_secs}")
+            raise ValueError(
+                f"cleanup_interval_secs must be >= 0 (0 turns periodic cleanup off), got {cleanup_interval_secs}"
+            )
         self.store = store
         self.session_timeout_secs = session_timeout_secs
         self.max_concurrent_sessions = max_concurrent_sessions
@@ -80,7 +82,9 @@ class SessionManager:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, dsn: str, *, store_options: dict[str, Any] | None = None, **options: Any) -> AsyncIterator[Self]:
+    async def connect(
+        cls, dsn: str, *, store_options: dict[str, Any] | None = None, **options: Any
+    ) -> AsyncIterator[Self]:
         """Open a store on ``dsn``, recover, yield the started manager; close both on exit."""
         store = await SessionStore.open(dsn, **(store_options or {}))
         try:
@@ -145,7 +149,9 @@ class SessionManager:
                 # Nobody awaits this task: keep the error where callers can see it and try
                 # again next round, since an outage should not end cleanup for good.
                 self.last_cleanup_error = error
-                logger.warning("periodic session cleanup failed, retrying in %ss: %s", self.cleanup_interval_secs, error)
+                logger.warning(
+                    "periodic session cleanup failed, retrying in %ss: %s", self.cleanup_interval_secs, error
+                )
 
     # time
 
@@ -173,7 +179,10 @@ class SessionManager:
     def _forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
         self._slots.pop(session_id, None)
-        self._write_locks.pop(session_id, None)
+        lock = self._write_locks.get(session_id)
+        if lock is not None and not lock.locked():
+            # A held lock stays: a writer queued behind it must still be ordered by it.
+            del self._write_locks[session_id]
 
     def _write_lock(self, session_id: str) -> asyncio.Lock:
         return self._write_locks.setdefault(session_id, asyncio.Lock())
@@ -185,15 +194,20 @@ class SessionManager:
         unknown = set(attrs) - CREATE_ATTRIBUTES
         if unknown:
             raise TypeError(f"ensure() got unknown attributes {sorted(unknown)}; allowed: {sorted(CREATE_ATTRIBUTES)}")
-        session_id = check_session_id(session_id) if session_id else secrets.token_urlsafe(32)
+        # Only None and "" ask for a new id: any other falsy value (0, b"") is a bad id, not a request.
+        if session_id is None or session_id == "":
+            session_id = secrets.token_urlsafe(32)
+        else:
+            session_id = check_session_id(session_id)
+        now = self._now()
+        # Validate before anything is written: bad input raises here and writes nothing. This
+        # comes before the in-memory lookup so that bad attrs raise whether or not the session exists.
+        candidate = Session(session_id=session_id, created_at=now, last_activity=now, **attrs)
         existing = self._live_in_memory(session_id)
         if existing is not None:
             return existing
         # A timed-out copy must neither be returned nor count towards the limit.
         self._forget(session_id)
-        now = self._now()
-        # Validate before anything is written: bad input raises here and writes nothing.
-        candidate = Session(session_id=session_id, created_at=now, last_activity=now, **attrs)
         if self.store is None:
             self._reserve_slot_for_new_session()
             stored = _detached(candidate)
@@ -241,6 +255,8 @@ class SessionManager:
 
     async def get(self, session_id: str) -> Session | None:
         """The live session ``session_id`` (from memory, else the database), or None; never creates."""
+        # A bad id is bad input (ValueError), not a database error from the lookup.
+        check_session_id(session_id)
         session = self._live_in_memory(session_id)
         if session is not None or self.store is None:
             return session
@@ -254,6 +270,7 @@ class SessionManager:
 
     async def remove(self, session_id: str) -> None:
         """Delete the session from memory and the database; unknown ids are ignored."""
+        check_session_id(session_id)  # ignored means unknown, not invalid: a bad id raises ValueError
         if self.store is not None:
             async with self._write_lock(session_id):
                 await self.store.delete(session_id)
@@ -264,6 +281,7 @@ class SessionManager:
 
     async def update_activity(self, session_id: str, request_duration_ms: int | None = None) -> Session:
         """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now."""
+        check_session_id(session_id)  # a ValueError, not a PersistenceError from the database
         duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
         now = self._now()
         if self.store is None:

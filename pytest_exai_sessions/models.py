@@ -6,6 +6,7 @@ import json
 import math
 import unicodedata
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from ipaddress import ip_address
 from typing import Annotated, Any
@@ -73,6 +74,14 @@ def _check_json_value(value: Any, path: str, depth: int) -> None:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{value!r} at {path} is not valid JSON")
+        # jsonb stores numbers as exact decimals: 1e+25 comes back as the int 10**25, which
+        # is not equal to the float 1e25. Refuse the floats a reload would change.
+        text = repr(value)
+        if "e+" in text and int(Decimal(text)) != value:
+            raise ValueError(
+                f"{text} at {path} would come back from PostgreSQL jsonb as {int(Decimal(text))}, "
+                "a different number; store it as an int or a str"
+            )
         return
     if isinstance(value, str):
         # jsonb cannot hold U+0000 at all: PostgreSQL rejects the whole value.
@@ -98,9 +107,14 @@ def check_ip_address(value: str | None) -> str | None:
     if value is None:
         return None
     try:
-        return str(ip_address(value))
+        address = ip_address(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+    # Python accepts a zone ("fe80::1%eth0"), PostgreSQL's inet does not: refuse it here
+    # rather than fail in the database with a PersistenceError.
+    if getattr(address, "scope_id", None) is not None:
+        raise ValueError(f"{value!r} has a zone (%...), which PostgreSQL inet cannot store")
+    return str(address)
 
 
 def check_duration_ms(value: object) -> int:
@@ -114,6 +128,13 @@ def check_duration_ms(value: object) -> int:
     return value
 
 
+def check_text(value: str) -> str:
+    """Text columns of PostgreSQL cannot hold NUL; refuse it before it reaches the database."""
+    if "\x00" in value:
+        raise ValueError("text contains NUL, which PostgreSQL text cannot store")
+    return value
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -124,8 +145,10 @@ def _as_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-SessionId = Annotated[str, AfterValidator(check_session_id)]
-JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
+# Strict str: in lax mode pydantic would silently decode bytes (b"id", {b"key": 1}) to str.
+SessionId = Annotated[StrictStr, AfterValidator(check_session_id)]
+JsonObject = Annotated[dict[StrictStr, Any], AfterValidator(check_json_object)]
+Text = Annotated[StrictStr, AfterValidator(check_text)]
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
@@ -137,10 +160,10 @@ class Session(BaseModel):
 
     session_id: SessionId
     state: SessionState = SessionState.ACTIVE
-    user_id: StrictStr | None = None
+    user_id: Text | None = None
     user_type: UserType = UserType.HUMAN
-    ip_address: str | None = None
-    user_agent: StrictStr | None = None
+    ip_address: StrictStr | None = None
+    user_agent: Text | None = None
     data: JsonObject = Field(default_factory=dict)
     metadata: JsonObject = Field(default_factory=dict)
     request_count: StrictInt = Field(default=0, ge=0)

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import ValidationError
 
 from .errors import PersistenceError
@@ -81,22 +81,60 @@ def _to_session(row: Mapping[str, Any]) -> Session:
         ) from error
 
 
+class _ConnectFailures:
+    """The last failed connection attempt of one pool.
+
+    A pool that cannot connect only reports ``PoolTimeout: pool initialization incomplete``;
+    the reason (no such database, authentication failed, no server) goes to a log. This
+    keeps it, so that PersistenceError can say why.
+    """
+
+    def __init__(self) -> None:
+        self.last: psycopg.Error | None = None
+
+    def connection_class(self) -> type[psycopg.AsyncConnection[Any]]:
+        failures = self
+
+        class RecordingConnection(psycopg.AsyncConnection[Any]):
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+                try:
+                    connection = await super().connect(conninfo, **kwargs)
+                except psycopg.Error as error:
+                    failures.last = error
+                    raise
+                failures.last = None
+                return connection
+
+        return RecordingConnection
+
+
 @contextmanager
-def _database_errors(action: str) -> Iterator[None]:
+def _database_errors(action: str, failures: _ConnectFailures | None = None) -> Iterator[None]:
     """Turn every driver or pool failure into PersistenceError naming what was attempted."""
     try:
         yield
     except psycopg.Error as error:
-        raise PersistenceError(f"{action} failed: {type(error).__name__}: {error}".rstrip()) from error
+        reason = f"{type(error).__name__}: {error}".rstrip()
+        if isinstance(error, PoolTimeout) and failures is not None and failures.last is not None:
+            reason += f"; last connection attempt: {type(failures.last).__name__}: {failures.last}".rstrip()
+        raise PersistenceError(f"{action} failed: {reason}") from error
 
 
 class SessionStore:
     """Async access to ``public.sessions`` through a connection pool."""
 
     def __init__(
-        self, pool: AsyncConnectionPool, *, conninfo: str, application_name: str, pool_options: Mapping[str, Any]
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        conninfo: str,
+        application_name: str,
+        pool_options: Mapping[str, Any],
+        connect_failures: _ConnectFailures | None = None,
     ) -> None:
         self._pool = pool
+        self._connect_failures = connect_failures
         self.conninfo = conninfo
         self.application_name = application_name
         # What open() was given, so a crash helper can open an equal store again.
@@ -126,17 +164,19 @@ class SessionStore:
         }
         # A name of its own lets a crash helper find exactly this store's backends.
         name = application_name or f"exai-sessions-{secrets.token_hex(4)}"
+        failures = _ConnectFailures()
         pool = AsyncConnectionPool(
             conninfo,
+            connection_class=failures.connection_class(),
             kwargs={"autocommit": True, "connect_timeout": connect_timeout, "application_name": name},
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
             open=False,
         )
-        with _database_errors(f"connecting to {_describe(conninfo)}"):
+        with _database_errors(f"connecting to {_describe(conninfo)}", failures):
             await pool.open(wait=True, timeout=timeout)
-        return cls(pool, conninfo=conninfo, application_name=name, pool_options=pool_options)
+        return cls(pool, conninfo=conninfo, application_name=name, pool_options=pool_options, connect_failures=failures)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -151,8 +191,8 @@ class SessionStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _fetch_one(self, action: str, query: sql.Composable, params: Mapping[str, Any]) -> Session | None:
-        with _database_errors(action):
+    async def _fetch_one(self, action: str, query: sql.Composed, params: Mapping[str, Any]) -> Session | None:
+        with _database_errors(action, self._connect_failures):
             async with self._pool.connection() as conn:
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.execute(query, params)
@@ -204,7 +244,7 @@ class SessionStore:
         self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
     ) -> Session | None:
         """Set the given fields and ``last_activity``; None when no live session has the id."""
-        assignments = [
+        assignments: list[sql.Composable] = [
             sql.SQL("{c} = {p}").format(c=sql.Identifier(COLUMNS[f]), p=sql.Placeholder(f"set_{f}")) for f in changes
         ]
         assignments.append(sql.SQL("last_activity_at = %(now)s"))
@@ -217,7 +257,7 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> bool:
         query = sql.SQL("DELETE FROM {table} WHERE session_id = %s").format(table=_TABLE)
-        with _database_errors(f"deleting session {session_id!r}"):
+        with _database_errors(f"deleting session {session_id!r}", self._connect_failures):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(query, (session_id,))
                 return cur.rowcount > 0
@@ -232,7 +272,7 @@ class SessionStore:
             " WHERE session_id = ANY(%(ids)s) AND session_state = 'active' AND NOT ({live})"
             " RETURNING session_id"
         ).format(table=_TABLE, live=_LIVE_SESSIONS)
-        with _database_errors(f"expiring {len(session_ids)} sessions"):
+        with _database_errors(f"expiring {len(session_ids)} sessions", self._connect_failures):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(query, {"ids": session_ids, "stale_before": stale_before, "now": now})
                 return [row[0] for row in await cur.fetchall()]
@@ -244,7 +284,7 @@ class SessionStore:
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
             returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
         )
-        with _database_errors("recovering sessions"):
+        with _database_errors("recovering sessions", self._connect_failures):
             async with self._pool.connection() as conn, conn.transaction():
                 cur = conn.cursor(name="exai_recover_sessions", row_factory=dict_row)
                 await cur.execute(query, {"stale_before": stale_before, "now": now})
@@ -260,4 +300,7 @@ def _describe(conninfo: str) -> str:
     except psycopg.ProgrammingError:
         return "the database (unparsable DSN)"
     params.pop("password", None)
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None}) or "the default database"
+    return (
+        psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+        or "the default database"
+    )

@@ -71,17 +71,19 @@ def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
     for bindir in candidates:
         if _has_server(bindir):
             return bindir
+    # One message for both cases, and it always says how to install PostgreSQL: a wrong
+    # explicit path is as often a server that was never installed as a typo.
     if explicit:
-        raise PostgresNotFound(
-            f"--exai-pg-bin={explicit}: no initdb and postgres there. Point it at the directory "
-            "holding pg_ctl, initdb and postgres (for example /usr/lib/postgresql/16/bin)."
+        where = f"not in {explicit} (set by --exai-pg-bin, the exai_pg_bin ini option or EXAI_SESSIONS_PG_BIN)"
+    else:
+        where = "looked in: " + (
+            ", ".join(str(c) for c in candidates) or "nothing found on PATH or in the usual places"
         )
-    looked = ", ".join(str(c) for c in candidates) or "nothing found on PATH or in the usual places"
     raise PostgresNotFound(
-        "PostgreSQL server binaries (initdb, postgres) not found; looked in: "
-        f"{looked}. Install the server (apt install postgresql, dnf install postgresql-server, "
-        "brew install postgresql) or set --exai-pg-bin / the exai_pg_bin ini option to the directory "
-        "holding pg_ctl, or use an existing server with --exai-dsn."
+        f"PostgreSQL server binaries (initdb, postgres) not found; {where}. Install the server "
+        "(apt install postgresql, dnf install postgresql-server, brew install postgresql) or set "
+        "--exai-pg-bin / the exai_pg_bin ini option to the directory holding pg_ctl, initdb and postgres "
+        "(for example /usr/lib/postgresql/16/bin), or use an existing server with --exai-dsn."
     )
 
 

@@ -7,6 +7,7 @@ As our child it is reaped at once and a kill-and-restart takes a fraction of a s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pwd
@@ -72,10 +73,12 @@ def server_os_user(name: str | None) -> OsUser | None:
     try:
         entry = pwd.getpwnam(wanted)
     except KeyError:
+        # Say "as root" only when it is so: a non-root run gets here only with an explicit name.
+        why = "running as root, and PostgreSQL refuses to run as root; " if os.geteuid() == 0 else ""
         raise ServerStartError(
-            f"running as root, and PostgreSQL refuses to run as root; the OS user {wanted!r} to run it "
-            "as does not exist. Create an unprivileged user (e.g. `useradd --system postgres`) or set "
-            "--exai-pg-os-user / the exai_pg_os_user ini option to one that exists."
+            f"{why}the OS user {wanted!r} to run PostgreSQL as does not exist. Create an unprivileged user "
+            "(e.g. `useradd --system postgres`) or set --exai-pg-os-user / the exai_pg_os_user ini option "
+            "to one that exists."
         ) from None
     if entry.pw_uid == 0:
         raise ServerStartError(f"--exai-pg-os-user={wanted!r} is root; PostgreSQL needs an unprivileged user")
@@ -84,10 +87,16 @@ def server_os_user(name: str | None) -> OsUser | None:
     return OsUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def default_basedir() -> Path:
-    """tmpfs when there is one: initdb and CREATE DATABASE are many times faster there."""
+# A fresh cluster takes about 40 MB, the template and each live test database 8 MB more, and
+# WAL grows between checkpoints. Docker's default /dev/shm is 64 MB: a run there would fail
+# half-way with "No space left on device", so tmpfs is used only when it has room to spare.
+MIN_TMPFS_FREE_BYTES = 1 << 30
+
+
+def default_basedir(min_free_bytes: int = MIN_TMPFS_FREE_BYTES) -> Path:
+    """tmpfs when there is one with room: initdb and CREATE DATABASE are many times faster there."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and shutil.disk_usage(shm).free >= min_free_bytes:
         return shm
     return Path(tempfile.gettempdir())
 
@@ -152,6 +161,10 @@ class TemporaryPostgres:
 
     def dsn(self, dbname: str | None = None) -> str:
         return make_dsn(host=self.host, port=self.port, user=self.user, dbname=dbname or self.dbname)
+
+    def _socket_dsn(self) -> str:
+        """The unix socket in our private directory: it exists in TCP mode too, and is ours alone."""
+        return make_dsn(host=str(self.socket_dir), port=self.port, user=self.user, dbname=self.dbname)
 
     def _require_root(self) -> Path:
         if self.root is None:
@@ -227,7 +240,8 @@ class TemporaryPostgres:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # It only calls prctl(), which is safe between fork and exec even with threads.
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
                 **self._as_server_user(),
             )
 
@@ -246,7 +260,10 @@ class TemporaryPostgres:
                     f"postgres exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
                 )
             try:
-                with psycopg.connect(self.dsn(), connect_timeout=2):
+                # Through our own socket, never TCP: on a port that turned out to be taken, a TCP
+                # probe reaches whoever holds it (another PostgreSQL answers, and the failed start
+                # passed as ready), or hangs for connect_timeout on a silent listener.
+                with psycopg.connect(self._socket_dsn(), connect_timeout=2):
                     return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
@@ -257,16 +274,28 @@ class TemporaryPostgres:
                 time.sleep(0.01)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Signal the postmaster (SIGKILL by default) and reap it; the data directory stays."""
+        """Signal the postmaster (SIGKILL by default) and reap it; the data directory stays.
+
+        With SIGKILL its children are killed too, as when the whole server dies.
+        """
         process = self._process
         if process is None or process.poll() is not None:
             return
+        orphans: list[tuple[int, int]] = []
+        if sig == signal.SIGKILL:
+            # A backend busy in a query does not notice the postmaster's death and keeps the
+            # shared memory attached, and then restart() fails ("pre-existing shared memory
+            # block is still in use"). So kill the children too; the postmaster is stopped
+            # first so that it forks none between the listing and the kill.
+            process.send_signal(signal.SIGSTOP)
+            orphans = _children(process.pid)
         process.send_signal(sig)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        _kill_and_wait(orphans)
 
     def restart(self) -> None:
         """Start the postmaster again on the same data directory and port."""
@@ -300,6 +329,42 @@ class TemporaryPostgres:
 
     def __repr__(self) -> str:
         return f"<TemporaryPostgres {self.version} at {self.root} pid={self.pid}>"
+
+
+def _stat(pid: int) -> tuple[int, int, str] | None:
+    """(parent pid, start time, state) of a process from Linux /proc; None when gone or without /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    return int(fields[1]), int(fields[19]), fields[0]
+
+
+def _children(pid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of each child of ``pid``; empty where there is no /proc."""
+    try:
+        entries = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    return [(child, stat[1]) for child in entries if (stat := _stat(child)) is not None and stat[0] == pid]
+
+
+def _kill_and_wait(processes: list[tuple[int, int]], timeout: float = 10.0) -> None:
+    """SIGKILL each (pid, start time) that is still that same process, and wait until all are gone."""
+
+    def running(pid: int, start: int) -> bool:
+        now = _stat(pid)
+        return now is not None and now[1] == start and now[2] != "Z"  # a zombie holds no shared memory
+
+    for pid, start in processes:
+        if running(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(running(pid, start) for pid, start in processes) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 _PR_SET_PDEATHSIG = 1

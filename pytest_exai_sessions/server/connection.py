@@ -16,13 +16,20 @@ def make_dsn(*, host: str, port: int | str, user: str, dbname: str, password: st
 class PostgresServer(Protocol):
     """What fixtures need to know of the server: where it is and who to connect as."""
 
-    host: str
-    port: int
-    user: str
-    password: str | None
-    dbname: str  # the maintenance database databases are created from
-    version: str
-    external: bool
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def dbname(self) -> str: ...  # the maintenance database that databases are created from
+    @property
+    def version(self) -> str: ...
+    @property
+    def external(self) -> bool: ...
 
     def dsn(self, dbname: str | None = None) -> str: ...
 

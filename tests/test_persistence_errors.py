@@ -1,0 +1,241 @@
+"""A database error raises PersistenceError: it is never logged and swallowed.
+
+Each test breaks the real database underneath a running manager (through a separate
+connection, as an operator or an outage would) and checks that every operation that
+needs the database raises, chains the driver's error, and leaves memory as it was.
+"""
+
+import asyncio
+
+import psycopg
+import pytest
+import pytest_asyncio
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pytest_exai_sessions import PersistenceError, SessionManager, SessionStore
+from pytest_exai_sessions.models import utc_now
+
+
+async def execute(dsn, query, params=None):
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(query, params)
+
+
+async def terminate_backends(dsn, application_name):
+    await execute(
+        dsn,
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = %s",
+        (application_name,),
+    )
+
+
+async def break_database(breakage, dsn, manager):
+    if breakage == "table dropped":
+        await execute(dsn, "DROP TABLE public.sessions")
+    elif breakage == "table renamed":
+        await execute(dsn, "ALTER TABLE public.sessions RENAME TO sessions_moved")
+    elif breakage == "privileges revoked":
+        await execute(dsn, "REVOKE ALL ON TABLE public.sessions FROM service_role")
+    elif breakage == "connections terminated":
+        await terminate_backends(dsn, manager.store.application_name)
+    else:
+        raise AssertionError(breakage)
+
+
+OPERATIONS = {
+    "ensure a new session": lambda m: m.ensure("newcomer"),
+    "ensure a session only in the database": lambda m: m.ensure("outsider"),
+    "get a session only in the database": lambda m: m.get("outsider"),
+    "update": lambda m: m.update("alpha", data={"lost": True}),
+    "update_activity": lambda m: m.update_activity("alpha", 5),
+    "remove": lambda m: m.remove("alpha"),
+    "cleanup_stale_sessions": lambda m: m.cleanup_stale_sessions(),
+    "recover_all_sessions": lambda m: m.recover_all_sessions(),
+}
+
+
+async def run_request(manager):
+    async with manager.request("alpha"):
+        pass  # the request is counted on exit, which needs the database
+
+
+OPERATIONS["request"] = run_request
+
+
+@pytest.fixture(params=["table dropped", "table renamed", "privileges revoked", "connections terminated"])
+def breakage(request):
+    return request.param
+
+
+@pytest_asyncio.fixture
+async def manager(exai_dsn, breakage):
+    """A running manager with live sessions "alpha" and "beta", a timed-out one, and a row it has not loaded."""
+    # Revoking privileges shows nothing to a superuser: connect as the API role an application uses.
+    dsn = make_conninfo(exai_dsn, options="-c role=service_role") if breakage == "privileges revoked" else exai_dsn
+    async with SessionManager.connect(dsn) as manager:
+        await manager.ensure("alpha", data={"step": 1})
+        await manager.ensure("beta")
+        await manager.ensure("stale")
+        await manager.update("stale", expires_at=utc_now())  # timed out, waiting for cleanup
+        await execute(exai_dsn, "INSERT INTO public.sessions (session_id) VALUES ('outsider')")
+        yield manager
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_a_database_error_raises_and_leaves_memory_unchanged(manager, exai_dsn, breakage, operation):
+    before = manager.sessions()
+    await break_database(breakage, exai_dsn, manager)
+
+    with pytest.raises(PersistenceError, match="failed") as error:
+        await operation(manager)
+
+    assert isinstance(error.value.__cause__, psycopg.Error)  # the driver's error, chained
+    assert manager.sessions() == before
+
+
+@pytest.mark.asyncio
+async def test_a_failed_write_did_not_happen_and_the_next_one_works(session_manager, exai_dsn):
+    await session_manager.ensure("s1")
+    await execute(exai_dsn, "ALTER TABLE public.sessions RENAME TO sessions_moved")
+
+    with pytest.raises(PersistenceError, match="UndefinedTable"):
+        await session_manager.update_activity("s1", 100)
+
+    await execute(exai_dsn, "ALTER TABLE public.sessions_moved RENAME TO sessions")
+    session = await session_manager.update_activity("s1", 1)
+    assert (session.request_count, session.total_duration_ms) == (1, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda m: m.ensure("newcomer"),
+        lambda m: m.update("alpha", data={"x": 1}),
+        lambda m: m.update_activity("alpha"),
+        lambda m: m.remove("alpha"),
+    ],
+    ids=["ensure", "update", "update_activity", "remove"],
+)
+async def test_a_write_the_database_refuses_raises(session_manager, exai_dsn, operation):
+    await session_manager.ensure("alpha")
+    await execute(
+        exai_dsn,
+        """
+        CREATE FUNCTION public.refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'sessions are read-only during maintenance'; END $$;
+        CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE OR DELETE ON public.sessions
+            FOR EACH ROW EXECUTE FUNCTION public.refuse_writes();
+        """,
+    )
+    before = session_manager.sessions()
+
+    with pytest.raises(PersistenceError, match="read-only during maintenance"):
+        await operation(session_manager)
+
+    assert session_manager.sessions() == before
+    assert await session_manager.get("alpha") == before["alpha"]  # reading still works
+
+
+@pytest.mark.asyncio
+async def test_a_manager_cannot_start_on_a_broken_table(exai_dsn):
+    await execute(exai_dsn, "DROP TABLE public.sessions")
+
+    with pytest.raises(PersistenceError, match="recovering sessions failed: UndefinedTable"):
+        async with SessionManager.connect(exai_dsn):
+            pass
+
+
+@pytest.mark.asyncio
+async def test_periodic_cleanup_keeps_its_error_where_callers_can_see_it(session_manager_factory, exai_dsn):
+    manager = await session_manager_factory(cleanup_interval_secs=0.05)
+    await manager.ensure("stale")
+    await manager.update("stale", expires_at=utc_now())
+    await execute(exai_dsn, "DROP TABLE public.sessions")
+
+    for _ in range(200):
+        if manager.last_cleanup_error is not None:
+            break
+        await asyncio.sleep(0.01)
+
+    assert isinstance(manager.last_cleanup_error, PersistenceError)
+    assert "stale" in manager.sessions()  # not forgotten: its row was never marked expired
+
+
+@pytest.mark.asyncio
+async def test_an_outage_raises_within_the_timeout_and_says_why(exai_dsn, exai_pg_server):
+    dbname = conninfo_to_dict(exai_dsn)["dbname"]
+    maintenance = make_conninfo(exai_dsn, dbname=exai_pg_server.dbname)
+    store = await SessionStore.open(exai_dsn, timeout=0.5)
+    async with SessionManager(store, close_store=True) as manager:
+        await manager.ensure("s1")
+        before = manager.sessions()
+        await execute(maintenance, f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        try:
+            await terminate_backends(maintenance, store.application_name)
+
+            # The first call finds its connection dead; later ones cannot get a new one.
+            errors = []
+            for _ in range(3):
+                with pytest.raises(PersistenceError) as error:
+                    await asyncio.wait_for(manager.update_activity("s1"), timeout=30)
+                errors.append(str(error.value))
+        finally:
+            await execute(maintenance, f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+
+        assert "is not currently accepting connections" in errors[-1]
+        assert manager.sessions() == before
+
+
+def unreachable(tmp_path, exai_dsn):
+    """DSNs that cannot connect, each with what the error must say about why."""
+    dbname = conninfo_to_dict(exai_dsn)["dbname"]
+    return {
+        "no server in the socket directory": (
+            make_conninfo(host=str(tmp_path), port="5432", user="postgres"),
+            "No such file or directory",
+        ),
+        "nothing listening on the port": (
+            "host=127.0.0.1 port=1 user=postgres dbname=postgres",
+            "Connection refused",
+        ),
+        "database does not exist": (
+            make_conninfo(exai_dsn, dbname=f"{dbname}_missing"),
+            f'database "{dbname}_missing" does not exist',
+        ),
+        "role does not exist": (
+            make_conninfo(exai_dsn, user="no_such_role", password="s3cret-pw"),
+            'role "no_such_role" does not exist',
+        ),
+    }
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "where",
+    [
+        "no server in the socket directory",
+        "nothing listening on the port",
+        "database does not exist",
+        "role does not exist",
+    ],
+)
+async def test_a_store_that_cannot_connect_raises_within_its_timeout(tmp_path, exai_dsn, where):
+    dsn, reason = unreachable(tmp_path, exai_dsn)[where]
+
+    # wait_for only turns a hang into a failure; the store itself gives up after `timeout`.
+    with pytest.raises(PersistenceError, match=r"connecting to .* failed") as error:
+        await asyncio.wait_for(SessionStore.open(dsn, timeout=0.5, connect_timeout=1), timeout=30)
+
+    assert reason in str(error.value)  # says why, not only that the pool timed out
+    assert "s3cret-pw" not in str(error.value)  # the DSN in the message has no password
+
+
+@pytest.mark.asyncio
+async def test_connect_raises_when_the_database_cannot_be_reached(tmp_path):
+    dsn = make_conninfo(host=str(tmp_path), port="5432", user="postgres")
+
+    with pytest.raises(PersistenceError):
+        async with SessionManager.connect(dsn, store_options={"timeout": 0.5}):
+            pytest.fail("connect() must not yield a manager without a database")

@@ -1,0 +1,502 @@
+"""The plugin as users use it: inner pytest runs (pytester) against a real PostgreSQL.
+
+Inner runs report what their fixtures handed out (server, database, pid) through a small
+conftest; the outer test checks those facts, the server's catalogue and the machine's
+processes and cluster directories afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pg_leftovers import Leftovers, Proc, private_basedir, wait_until_gone
+
+from pytest_exai_sessions.config import OPTIONS, ExaiConfig
+from pytest_exai_sessions.server import PostgresServer, default_basedir
+
+FIXTURES = (
+    "exai_pg_server",
+    "exai_dsn",
+    "session_store",
+    "session_manager",
+    "session_manager_factory",
+    "crash_harness",
+)
+FLAGS = (
+    "--exai-dsn",
+    "--exai-pg-bin",
+    "--exai-pg-os-user",
+    "--exai-pg-basedir",
+    "--exai-pg-tcp",
+    "--exai-pg-port",
+    "--exai-pg-setting",
+    "--exai-pg-startup-timeout",
+)
+# A DSN that fails at once if anything uses it: no server has a socket there.
+UNUSABLE_DSN = "host=/nonexistent/exai-socket-dir port=1 user=nobody dbname=nowhere"
+
+# Each inner test that has a database writes one JSON line of facts about it.
+FACTS_CONFTEST = """
+import json
+import pathlib
+
+import psycopg
+import pytest
+
+FACTS = pathlib.Path(__file__).with_name("facts.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def _report_facts(request):
+    if "exai_dsn" in request.fixturenames:
+        server = request.getfixturevalue("exai_pg_server")
+        dsn = request.getfixturevalue("exai_dsn")
+        facts = {
+            "test": request.node.name,
+            "external": server.external,
+            "host": server.host,
+            "port": server.port,
+            "user": server.user,
+            "version": str(server.version),
+            "root": None if server.external else str(server.root),
+            "dbname": psycopg.conninfo.conninfo_to_dict(dsn)["dbname"],
+        }
+        with FACTS.open("a") as f:
+            f.write(json.dumps(facts) + "\\n")
+    yield
+"""
+
+
+@pytest.fixture(autouse=True)
+def plugin_environment(exai_config: ExaiConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inner runs start from no plugin configuration, whatever the outer run was given.
+
+    ``exai_config`` is requested first so that the outer run's own configuration is read
+    before its environment variables are taken away.
+    """
+    for option in OPTIONS:
+        if option.env:
+            monkeypatch.delenv(option.env, raising=False)
+
+
+@pytest.fixture
+def basedir() -> Iterator[Path]:
+    yield from private_basedir()
+
+
+def facts(pytester: pytest.Pytester) -> list[dict[str, Any]]:
+    path = pytester.path / "facts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_inner(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -> pytest.RunResult:
+    """An inner run, without pytest-asyncio's notice about its unset loop scope in the outer report.
+
+    An in-process run's configure step resets the warning filters, so no filter mark keeps that
+    notice (it is the inner run's, which has no ini file) out of the outer report; catch it here.
+    """
+    if subprocess:
+        return pytester.runpytest_subprocess(*args)
+    with warnings.catch_warnings(record=True) as caught:
+        result = pytester.runpytest(*args)
+    for warning in caught:
+        if "asyncio_default_fixture_loop_scope" not in str(warning.message):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return result
+
+
+def run_and_check_leftovers(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """An in-process inner run; afterwards none of its servers, processes or cluster directories is left."""
+    before = Leftovers()
+    result = run_inner(pytester, *args)
+    roots = [Path(f["root"]) for f in facts(pytester) if f["root"]]
+    before.assert_clean(roots=roots)
+    return result
+
+
+def database_names(server: PostgresServer) -> set[str]:
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        return {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
+
+
+# zero configuration
+
+
+def test_zero_config_inner_run_gets_a_server_schema_and_manager(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(FACTS_CONFTEST)
+    pytester.makepyfile(  # named after this test: an in-process run must not meet examples/test_quickstart.py
+        """
+        import psycopg
+        import pytest
+
+        from pytest_exai_sessions import SessionManager
+
+
+        @pytest.mark.asyncio
+        async def test_sessions_are_written_through(exai_pg_server, exai_dsn, session_manager):
+            session = await session_manager.ensure(user_id="42", data={"cart": ["apple"]})
+            await session_manager.update_activity(session.session_id, request_duration_ms=15)
+            with psycopg.connect(exai_dsn) as conn:
+                row = conn.execute(
+                    "SELECT user_id, session_data, request_count, total_duration_ms FROM public.sessions"
+                    " WHERE session_id = %s",
+                    (session.session_id,),
+                ).fetchone()
+                server = conn.execute(
+                    "SELECT to_regclass('unified.event_metric_events') IS NOT NULL,"
+                    " current_user, current_setting('is_superuser'), split_part(version(), ' ', 2)"
+                ).fetchone()
+            assert row == ("42", {"cart": ["apple"]}, 1, 15)
+            # The schema is there, and we are the superuser the server fixture describes.
+            assert server == (True, exai_pg_server.user, "on", exai_pg_server.version)
+
+
+        @pytest.mark.asyncio
+        async def test_every_database_fixture_is_one_database(
+            exai_dsn, session_store, session_manager, session_manager_factory, crash_harness
+        ):
+            assert session_store.conninfo == exai_dsn
+            assert session_manager.store.conninfo == exai_dsn
+            assert crash_harness.dsn == exai_dsn
+
+            created = await session_manager.ensure("shared", data={"written": "by session_manager"})
+            # What one fixture writes, every other one reads.
+            assert await SessionManager(session_store).get("shared") == created
+            other = await session_manager_factory(max_concurrent_sessions=5)
+            assert other.max_concurrent_sessions == 5
+            assert await other.list_ids() == ["shared"]  # recovered when it started
+            restarted = await crash_harness.crash_and_restart(other)
+            assert await restarted.get("shared") == created
+            with psycopg.connect(exai_dsn) as conn:
+                assert conn.execute("SELECT session_id FROM public.sessions").fetchall() == [("shared",)]
+        """
+    )
+    result = run_and_check_leftovers(pytester)
+    result.assert_outcomes(passed=2)
+    reported = facts(pytester)
+    assert len(reported) == 2
+    (root,) = {f["root"] for f in reported}  # one server for the whole run
+    assert not any(f["external"] for f in reported)
+    assert Path(root).parent == default_basedir()
+    assert {f["host"] for f in reported} == {root}  # a unix socket in its own directory
+    assert len({f["dbname"] for f in reported}) == 2  # a database per test
+
+
+def test_server_options_from_command_line_and_ini(pytester: pytest.Pytester, basedir: Path) -> None:
+    pytester.makeconftest(FACTS_CONFTEST)
+    pytester.makeini(
+        """
+        [pytest]
+        exai_pg_settings =
+            work_mem = 8MB
+            lock_timeout=5s
+        """
+    )
+    pytester.makepyfile(
+        """
+        import psycopg
+
+        def test_options_reach_the_server(exai_pg_server, exai_dsn):
+            assert exai_pg_server.host == "127.0.0.1"
+            assert exai_pg_server.port < 32768
+            with psycopg.connect(exai_dsn) as conn:
+                assert conn.execute("SELECT host(inet_server_addr())").fetchone() == ("127.0.0.1",)
+                assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+                assert conn.execute("SHOW lock_timeout").fetchone() == ("5s",)
+                assert conn.execute("SHOW statement_timeout").fetchone() == ("7s",)
+        """
+    )
+    result = run_and_check_leftovers(
+        pytester, "--exai-pg-tcp", f"--exai-pg-basedir={basedir}", "--exai-pg-setting=statement_timeout=7s"
+    )
+    result.assert_outcomes(passed=1)
+    (reported,) = facts(pytester)
+    assert Path(reported["root"]).parent == basedir
+    assert list(basedir.iterdir()) == []
+
+
+# external server
+
+
+INNER_EXTERNAL_TESTS = """
+import psycopg
+import pytest
+
+LEFT_OPEN = []
+
+
+@pytest.mark.asyncio
+async def test_writes_a_session_and_a_table(exai_dsn, session_manager):
+    await session_manager.ensure("from-the-first-test", data={"n": 1})
+    with psycopg.connect(exai_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE only_in_the_first_test (n int)")
+
+
+@pytest.mark.asyncio
+async def test_starts_from_a_fresh_database(exai_dsn, session_manager):
+    assert await session_manager.get("from-the-first-test") is None
+    with psycopg.connect(exai_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM public.sessions").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass('only_in_the_first_test')").fetchone() == (None,)
+
+
+def test_fails_and_leaves_a_client_connected(exai_dsn):
+    client = psycopg.connect(exai_dsn)
+    client.execute("SELECT 1")  # idle in transaction, as a killed client leaves it
+    LEFT_OPEN.append(client)
+    assert False, "failing on purpose"
+"""
+
+
+def test_external_server_by_command_line_and_databases_are_dropped(
+    pytester: pytest.Pytester, exai_pg_server: PostgresServer
+) -> None:
+    pytester.makeconftest(FACTS_CONFTEST)
+    pytester.makepyfile(INNER_EXTERNAL_TESTS)
+    databases_before = database_names(exai_pg_server)
+
+    result = run_and_check_leftovers(pytester, f"--exai-dsn={exai_pg_server.dsn()}")
+
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: failing on purpose*"])
+    reported = facts(pytester)
+    assert len(reported) == 3
+    assert all(f["external"] for f in reported)
+    assert {(f["host"], f["port"]) for f in reported} == {(exai_pg_server.host, exai_pg_server.port)}
+    dbnames = [f["dbname"] for f in reported]
+    assert len(set(dbnames)) == 3
+    assert all(name not in databases_before for name in dbnames)
+    # Every per-test database and the template are gone, the failed test's too.
+    assert database_names(exai_pg_server) == databases_before
+
+
+@pytest.mark.parametrize("source", ["ini", "environment", "command line"])
+def test_external_dsn_sources_and_their_precedence(
+    source: str, pytester: pytest.Pytester, exai_pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """command line > environment > ini: each lower source holds a DSN that would fail if used."""
+    dsn = exai_pg_server.dsn()
+    ini_dsn = dsn if source == "ini" else UNUSABLE_DSN
+    pytester.makeini(f"[pytest]\nexai_dsn = {ini_dsn}\n")
+    if source != "ini":
+        monkeypatch.setenv("EXAI_SESSIONS_DSN", dsn if source == "environment" else UNUSABLE_DSN)
+    args = [f"--exai-dsn={dsn}"] if source == "command line" else []
+    pytester.makeconftest(FACTS_CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_uses_the_given_server(exai_pg_server, session_manager):
+            assert exai_pg_server.external
+            await session_manager.ensure("here")
+        """
+    )
+    databases_before = database_names(exai_pg_server)
+
+    result = run_and_check_leftovers(pytester, *args)
+
+    result.assert_outcomes(passed=1)
+    (reported,) = facts(pytester)
+    assert (reported["host"], reported["port"]) == (exai_pg_server.host, exai_pg_server.port)
+    assert (reported["user"], reported["version"]) == (exai_pg_server.user, str(exai_pg_server.version))
+    assert database_names(exai_pg_server) == databases_before
+
+
+# help and errors
+
+
+def test_every_option_is_in_help(pytester: pytest.Pytester) -> None:
+    result = run_inner(pytester, "--help")
+    assert result.ret == 0
+    output = result.stdout.str()
+    assert set(FLAGS) == {
+        option.flag.removesuffix("s") if option.kind == "linelist" else option.flag for option in OPTIONS
+    }
+    for flag in FLAGS:
+        assert re.search(rf"^\s+{flag}\b", output, re.MULTILINE), f"{flag} missing in --help"
+    for option in OPTIONS:
+        assert re.search(rf"^\s+{option.name} \(", output, re.MULTILINE), f"ini key {option.name} missing in --help"
+    assert "EXAI_SESSIONS_DSN" in output
+
+
+def test_every_fixture_is_in_fixtures_listing(pytester: pytest.Pytester) -> None:
+    result = run_inner(pytester, "--fixtures")
+    assert result.ret == 0
+    output = result.stdout.str()
+    for name in FIXTURES:
+        match = re.search(rf"^{name}( \[(\w+) scope\])? -- .*\n\s+(\S.*)$", output, re.MULTILINE)
+        assert match, f"{name} missing in --fixtures"
+        assert match[3], f"{name} has no docstring"
+    assert re.search(r"^exai_pg_server \[session scope\]", output, re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--exai-pg-bin=/nonexistent/pg/bin"],
+            "*PostgresNotFound: *not in /nonexistent/pg/bin*apt install postgresql*",
+        ),
+        (["--exai-dsn=no such thing"], "*not a valid PostgreSQL DSN*"),
+        ([f"--exai-dsn={UNUSABLE_DSN}"], "*cannot connect to the external server nobody@/nonexistent/exai-socket-dir*"),
+        (["--exai-pg-port=fifty"], "*--exai-pg-port expects a number, got 'fifty'*"),
+        (["--exai-pg-setting=work_mem"], "*--exai-pg-setting expects NAME=VALUE, got 'work_mem'*"),
+        (["--exai-pg-os-user=no-such-user-exai"], "*ServerStartError: *'no-such-user-exai' * does not exist*"),
+    ],
+    ids=["pg-bin", "dsn-syntax", "dsn-unreachable", "port", "setting", "os-user"],
+)
+def test_bad_option_fails_the_tests_that_need_a_database_with_a_clear_message(
+    args: list[str], message: str, pytester: pytest.Pytester
+) -> None:
+    if any(arg.startswith("--exai-pg-os-user") for arg in args) and os.geteuid() != 0:
+        pytest.skip("the OS user is only looked up when running as root")
+    pytester.makepyfile(
+        """
+        def test_needs_a_database(exai_dsn):
+            pass
+
+        def test_needs_nothing():
+            pass
+        """
+    )
+    result = run_and_check_leftovers(pytester, *args)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([message])
+
+
+# recovery
+
+
+def test_assert_full_recovery_names_missing_extra_and_changed_sessions(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import psycopg
+        import pytest
+
+        from pytest_exai_sessions import assert_full_recovery
+
+
+        @pytest.mark.asyncio
+        async def test_a_recovery_that_loses_data(exai_dsn, session_manager, crash_harness):
+            for session_id in ("kept", "lost", "changed"):
+                await session_manager.ensure(session_id, data={"v": session_id})
+            before = crash_harness.snapshot(session_manager)
+            with psycopg.connect(exai_dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM public.sessions WHERE session_id = 'lost'")
+                conn.execute(
+                    "UPDATE public.sessions SET session_data = '{\\"v\\": \\"tampered\\"}' WHERE session_id = 'changed'"
+                )
+                conn.execute("INSERT INTO public.sessions (session_id) VALUES ('sneaked-in')")
+            after = await crash_harness.crash_and_restart(session_manager)
+            assert_full_recovery(before, after)
+        """
+    )
+    result = run_and_check_leftovers(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*sessions not fully recovered: 3 sessions before: 1 missing, 1 extra, 1 with different fields",
+            "*missing after recovery: 'lost'",
+            "*extra after recovery: 'sneaked-in'",
+            "*session 'changed' field data: before={'v': 'changed'} after={'v': 'tampered'}",
+        ]
+    )
+    output = result.stdout.str()
+    assert "session 'kept'" not in output
+    assert "field metadata" not in output and "field created_at" not in output  # only what differs
+
+
+def test_crash_and_restart_recovers_every_session(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import psycopg
+        import pytest
+
+        from pytest_exai_sessions import assert_full_recovery
+
+
+        @pytest.mark.asyncio
+        async def test_crash_and_restart(exai_dsn, session_manager, crash_harness):
+            for number in range(60):
+                session = await session_manager.ensure(
+                    user_id=f"user-{number}",
+                    ip_address="203.0.113.7",
+                    data={"step": number, "nested": {"list": [number, None, True]}},
+                    metadata={"client": "inner"},
+                )
+                await session_manager.update_activity(session.session_id, request_duration_ms=number)
+            before = crash_harness.snapshot(session_manager)
+            crashed_store = session_manager.store.application_name
+
+            recovered = await crash_harness.crash_and_restart(session_manager, max_concurrent_sessions=70)
+
+            assert recovered is not session_manager
+            assert len(before) == 60
+            assert_full_recovery(before, recovered)
+            assert recovered.options == {**session_manager.options, "max_concurrent_sessions": 70}
+            with psycopg.connect(exai_dsn) as conn:
+                left = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (crashed_store,)
+                ).fetchone()
+            assert left == (0,)  # the crashed manager's connections died with it
+        """
+    )
+    result = run_and_check_leftovers(pytester)
+    result.assert_outcomes(passed=1)
+
+
+def test_a_killed_inner_run_takes_its_server_with_it(pytester: pytest.Pytester, basedir: Path) -> None:
+    """pytest itself dies (SIGKILL, no teardown): the postmaster and its children must not outlive it."""
+    pytester.makeconftest(FACTS_CONFTEST)
+    pytester.makepyfile(
+        """
+        import json
+        import os
+        import pathlib
+        import signal
+
+        import psycopg
+
+        def stat(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return {"pid": pid, "ppid": int(fields[1]), "start": int(fields[19])}
+
+        def test_dies_holding_a_server(exai_pg_server, exai_dsn):
+            client = psycopg.connect(exai_dsn)
+            client.execute("SELECT 1")
+            family = [stat(exai_pg_server.pid)]
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    try:
+                        proc = stat(int(name))
+                    except OSError:
+                        continue
+                    if proc["ppid"] == exai_pg_server.pid:
+                        family.append(proc)
+            pathlib.Path("family.json").write_text(json.dumps(family))
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    before = Leftovers(basedir)
+    result = run_inner(pytester, f"--exai-pg-basedir={basedir}", subprocess=True)
+    assert result.ret == -signal.SIGKILL
+    family = [
+        Proc(p["pid"], p["ppid"], "", p["start"], ()) for p in json.loads((pytester.path / "family.json").read_text())
+    ]
+    assert len(family) > 2  # the postmaster, its helpers and the test's backend
+    assert not wait_until_gone(family), "server processes outlived the killed pytest"
+    (reported,) = facts(pytester)
+    assert Path(reported["root"]).parent == basedir
+    # No teardown ran, so the cluster directory stays (in our private basedir, removed by its fixture).
+    assert not before.new_postmasters(mine_or_under=[basedir])
