@@ -22,3 +22,11 @@ def empty_dsn(exai_pg_server):
         yield server.dsn(janitor.dbname)
     finally:
         janitor.drop()
+
+
+@pytest.fixture(params=["postgres", "memory"])
+def persistence(request):
+    """Run a test with both kinds of manager: the plugin's factory for "postgres", None for "memory"."""
+    if request.param == "postgres":
+        return request.getfixturevalue("session_manager_factory")
+    return None

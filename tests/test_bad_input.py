@@ -107,14 +107,6 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.fixture(params=["postgres", "memory"])
-def persistence(request):
-    """The plugin's manager factory for "postgres", None for "memory"."""
-    if request.param == "postgres":
-        return request.getfixturevalue("session_manager_factory")
-    return None
-
-
 @pytest_asyncio.fixture
 async def manager(persistence):
     """A started manager holding one session, EXISTING."""

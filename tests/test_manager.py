@@ -34,14 +34,6 @@ METRIC_KEYS = {
 }
 
 
-@pytest.fixture(params=["postgres", "memory"])
-def persistence(request):
-    """The plugin's manager factory for "postgres", None for "memory"."""
-    if request.param == "postgres":
-        return request.getfixturevalue("session_manager_factory")
-    return None
-
-
 @pytest_asyncio.fixture
 async def make_manager(persistence):
     """``await make_manager(**options)``: a started manager, persistent or in memory only."""
