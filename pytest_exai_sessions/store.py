@@ -8,9 +8,11 @@ memory is, by construction, what a reload after a crash returns.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import select
 from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any, Self
 
@@ -121,6 +123,20 @@ def _database_errors(action: str, failures: _ConnectFailures | None = None) -> I
         raise PersistenceError(f"{action} failed: {reason}") from error
 
 
+async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Pool check before each use: refuse a connection the server has closed meanwhile.
+
+    An idle connection has nothing to read; if its socket is readable, the server has sent
+    its goodbye (a restart, a terminated backend) or closed it. A select() costs no round
+    trip, and it lets the first call after a database restart succeed instead of failing
+    on a dead connection.
+    """
+    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+        # Closed here, the pool drops it and opens a replacement; open, it would hand it out again.
+        await conn.close()
+        raise psycopg.OperationalError("the server closed this connection while it was idle")
+
+
 class SessionStore:
     """Async access to ``public.sessions`` through a connection pool."""
 
@@ -172,6 +188,7 @@ class SessionStore:
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
+            check=_discard_if_closed_by_server,
             open=False,
         )
         with _database_errors(f"connecting to {_describe(conninfo)}", failures):
@@ -192,11 +209,10 @@ class SessionStore:
         await self.close()
 
     async def _fetch_one(self, action: str, query: sql.Composed, params: Mapping[str, Any]) -> Session | None:
-        with _database_errors(action, self._connect_failures):
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(query, params)
-                row = await cur.fetchone()
+        async with self._connection(action) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query, params)
+            row = await cur.fetchone()
         return None if row is None else _to_session(row)
 
     async def create(self, session: Session, *, stale_before: datetime, now: datetime) -> Session | None:
@@ -257,10 +273,9 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> bool:
         query = sql.SQL("DELETE FROM {table} WHERE session_id = %s").format(table=_TABLE)
-        with _database_errors(f"deleting session {session_id!r}", self._connect_failures):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(query, (session_id,))
-                return cur.rowcount > 0
+        async with self._connection(f"deleting session {session_id!r}") as conn:
+            cur = await conn.execute(query, (session_id,))
+            return cur.rowcount > 0
 
     async def expire(self, session_ids: list[str], *, stale_before: datetime, now: datetime) -> list[str]:
         """Mark the given sessions expired where they are no longer live; return those ids.
@@ -272,10 +287,9 @@ class SessionStore:
             " WHERE session_id = ANY(%(ids)s) AND session_state = 'active' AND NOT ({live})"
             " RETURNING session_id"
         ).format(table=_TABLE, live=_LIVE_SESSIONS)
-        with _database_errors(f"expiring {len(session_ids)} sessions", self._connect_failures):
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(query, {"ids": session_ids, "stale_before": stale_before, "now": now})
-                return [row[0] for row in await cur.fetchall()]
+        async with self._connection(f"expiring {len(session_ids)} sessions") as conn:
+            cur = await conn.execute(query, {"ids": session_ids, "stale_before": stale_before, "now": now})
+            return [row[0] for row in await cur.fetchall()]
 
     async def iter_live(
         self, *, stale_before: datetime, now: datetime, batch_size: int = 2000
@@ -284,13 +298,42 @@ class SessionStore:
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
             returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
         )
-        with _database_errors("recovering sessions", self._connect_failures):
-            async with self._pool.connection() as conn, conn.transaction():
-                cur = conn.cursor(name="exai_recover_sessions", row_factory=dict_row)
+        action = "recovering sessions"
+        # The deadline applies to each round trip, not to the whole stream: recovering 100k
+        # sessions may take longer than one call may wait, and the consumer's time is its own.
+        async with self._connection(action, bounded=False) as conn, conn.transaction():
+            cur = conn.cursor(name="exai_recover_sessions", row_factory=dict_row)
+            async with self._deadline(action):
                 await cur.execute(query, {"stale_before": stale_before, "now": now})
-                while rows := await cur.fetchmany(batch_size):
-                    for row in rows:
-                        yield _to_session(row)
+            while True:
+                async with self._deadline(action):
+                    rows = await cur.fetchmany(batch_size)
+                if not rows:
+                    return
+                for row in rows:
+                    yield _to_session(row)
+
+    @asynccontextmanager
+    async def _connection(self, action: str, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever."""
+        with _database_errors(action, self._connect_failures):
+            if bounded:
+                async with self._deadline(action), self._pool.connection() as conn:
+                    yield conn
+            else:
+                async with self._pool.connection() as conn:
+                    yield conn
+
+    @asynccontextmanager
+    async def _deadline(self, action: str) -> AsyncIterator[None]:
+        # The pool gives up waiting for a connection after `timeout`; this also bounds a
+        # statement on a server that accepted the connection but stopped answering.
+        limit = 2 * self.pool_options["timeout"]
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError as error:
+            raise PersistenceError(f"{action} failed: the database did not answer within {limit:g}s") from error
 
 
 def _describe(conninfo: str) -> str:

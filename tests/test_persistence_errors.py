@@ -36,8 +36,6 @@ async def break_database(breakage, dsn, manager):
         await execute(dsn, "ALTER TABLE public.sessions RENAME TO sessions_moved")
     elif breakage == "privileges revoked":
         await execute(dsn, "REVOKE ALL ON TABLE public.sessions FROM service_role")
-    elif breakage == "connections terminated":
-        await terminate_backends(dsn, manager.store.application_name)
     else:
         raise AssertionError(breakage)
 
@@ -62,7 +60,7 @@ async def run_request(manager):
 OPERATIONS["request"] = run_request
 
 
-@pytest.fixture(params=["table dropped", "table renamed", "privileges revoked", "connections terminated"])
+@pytest.fixture(params=["table dropped", "table renamed", "privileges revoked"])
 def breakage(request):
     return request.param
 
@@ -92,6 +90,18 @@ async def test_a_database_error_raises_and_leaves_memory_unchanged(manager, exai
 
     assert isinstance(error.value.__cause__, psycopg.Error)  # the driver's error, chained
     assert manager.sessions() == before
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("breakage", ["connections terminated"])  # overrides the fixture's three breakages
+@pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
+async def test_connections_the_server_closed_are_replaced_before_use(manager, exai_dsn, operation):
+    """A restart or pg_terminate_backend kills idle pooled connections; no call may fail on one."""
+    await terminate_backends(exai_dsn, manager.store.application_name)
+
+    await operation(manager)  # succeeds on a new connection
+
+    assert await manager.get("beta") is not None
 
 
 @pytest.mark.asyncio
