@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import pytest_asyncio
@@ -96,10 +96,14 @@ async def session_manager(
     return await session_manager_factory()
 
 
+def _skip(reason: str) -> NoReturn:
+    pytest.skip(reason)
+
+
 @pytest_asyncio.fixture
-async def crash_harness(exai_dsn: str) -> AsyncIterator[CrashHarness]:
-    """Crash helpers: ``await crash_harness.crash_and_restart(manager)`` and ``crash_harness.snapshot(manager)``."""
-    harness = CrashHarness(exai_dsn)
+async def crash_harness(exai_dsn: str, exai_pg_server: PostgresServer) -> AsyncIterator[CrashHarness]:
+    """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database()."""
+    harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip)
     try:
         yield harness
     finally:

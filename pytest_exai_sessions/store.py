@@ -140,21 +140,33 @@ async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> No
 class SessionStore:
     """Async access to ``public.sessions`` through a connection pool."""
 
-    def __init__(
-        self,
-        pool: AsyncConnectionPool,
-        *,
-        conninfo: str,
-        application_name: str,
-        pool_options: Mapping[str, Any],
-        connect_failures: _ConnectFailures | None = None,
-    ) -> None:
-        self._pool = pool
-        self._connect_failures = connect_failures
+    def __init__(self, conninfo: str, *, application_name: str, pool_options: Mapping[str, Any]) -> None:
+        """Use ``await SessionStore.open(...)``: it builds the store and opens its pool."""
         self.conninfo = conninfo
         self.application_name = application_name
         # What open() was given, so a crash helper can open an equal store again.
         self.pool_options = dict(pool_options)
+        self._connect_failures = _ConnectFailures()
+        self._pool = self._new_pool()
+        # Set when a call could not reach the server; the next call first checks whether it is back.
+        self._server_lost = False
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        options = self.pool_options
+        return AsyncConnectionPool(
+            self.conninfo,
+            connection_class=self._connect_failures.connection_class(),
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": options["connect_timeout"],
+                "application_name": self.application_name,
+            },
+            min_size=options["min_size"],
+            max_size=options["max_size"],
+            timeout=options["timeout"],
+            check=_discard_if_closed_by_server,
+            open=False,
+        )
 
     @classmethod
     async def open(
@@ -180,20 +192,10 @@ class SessionStore:
         }
         # A name of its own lets a crash helper find exactly this store's backends.
         name = application_name or f"exai-sessions-{secrets.token_hex(4)}"
-        failures = _ConnectFailures()
-        pool = AsyncConnectionPool(
-            conninfo,
-            connection_class=failures.connection_class(),
-            kwargs={"autocommit": True, "connect_timeout": connect_timeout, "application_name": name},
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout,
-            check=_discard_if_closed_by_server,
-            open=False,
-        )
-        with _database_errors(f"connecting to {_describe(conninfo)}", failures):
-            await pool.open(wait=True, timeout=timeout)
-        return cls(pool, conninfo=conninfo, application_name=name, pool_options=pool_options, connect_failures=failures)
+        store = cls(conninfo, application_name=name, pool_options=pool_options)
+        with _database_errors(f"connecting to {_describe(conninfo)}", store._connect_failures):
+            await store._pool.open(wait=True, timeout=timeout)
+        return store
 
     async def close(self) -> None:
         await self._pool.close()
@@ -316,13 +318,38 @@ class SessionStore:
     @asynccontextmanager
     async def _connection(self, action: str, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A pooled connection; any failure becomes PersistenceError, and no call waits for ever."""
+        if self._server_lost:
+            await self._reconnect(action)
+        try:
+            with _database_errors(action, self._connect_failures):
+                if bounded:
+                    async with self._deadline(action), self._pool.connection() as conn:
+                        yield conn
+                else:
+                    async with self._pool.connection() as conn:
+                        yield conn
+        except PersistenceError as error:
+            if isinstance(error.__cause__, psycopg.OperationalError):
+                self._server_lost = True
+            raise
+
+    async def _reconnect(self, action: str) -> None:
+        """After an outage: fail at once while the server is down, start afresh once it is back.
+
+        The pool retries with a backoff that doubles up to minutes, so after a long outage it
+        could keep failing calls long after the server returned. One direct connection tells
+        whether the server is back; if it is, a new pool replaces the old one.
+        """
+        with _database_errors(action):
+            probe = await psycopg.AsyncConnection.connect(
+                self.conninfo, connect_timeout=self.pool_options["connect_timeout"]
+            )
+        await probe.close()
+        old, self._pool = self._pool, self._new_pool()
+        self._server_lost = False
+        await old.close(timeout=0)
         with _database_errors(action, self._connect_failures):
-            if bounded:
-                async with self._deadline(action), self._pool.connection() as conn:
-                    yield conn
-            else:
-                async with self._pool.connection() as conn:
-                    yield conn
+            await self._pool.open(wait=False)
 
     @asynccontextmanager
     async def _deadline(self, action: str) -> AsyncIterator[None]:
