@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import signal
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, Literal, NoReturn, TypeVar
@@ -10,11 +15,13 @@ from typing import Any, Literal, NoReturn, TypeVar
 import psycopg
 
 from .errors import ExaiSessionsError
+from .ledger import CrashReport, LedgerBook
 from .manager import SessionManager
 from .recovery import Snapshot, snapshot
 from .server.cluster import TemporaryPostgres
 from .server.connection import PostgresServer
 from .store import SessionStore
+from .workload import import_object, object_path
 
 M = TypeVar("M", bound=SessionManager)
 
@@ -81,6 +88,88 @@ class CrashHarness:
                 )
         await manager.abandon()
 
+    # a child process
+
+    async def run_and_kill(
+        self,
+        workload: Any,
+        *,
+        kill_after_acks: int | None = None,
+        kill_after_secs: float | None = None,
+        kill_at: str | None = None,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``workload`` in a child process, SIGKILL it at the chosen point, check the ledger.
+
+        ``workload`` is an importable ``async def workload(ctx: WorkloadContext)`` (or its
+        ``"module:function"`` name). Kill after that many acknowledged writes, after that many
+        seconds, or when it reaches ``await ctx.fault_point(kill_at)``. The child's manager
+        gets ``options``; the recovered state is read in this process and compared with
+        every acknowledgement the child made before it died.
+        """
+        if [kill_after_acks, kill_after_secs, kill_at].count(None) != 2:
+            raise ValueError("choose exactly one of kill_after_acks, kill_after_secs and kill_at")
+        read_end, write_end = os.pipe()
+        spec = {
+            "dsn": self.dsn,
+            "workload": object_path(workload),
+            "manager_class": object_path(manager_class),
+            "options": options,
+            "params": params or {},
+            "ledger_fd": write_end,
+        }
+        with tempfile.TemporaryFile() as child_output:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pytest_exai_sessions.workload",
+                json.dumps(spec),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=child_output,
+                stderr=child_output,
+                pass_fds=(write_end,),
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+            os.close(write_end)
+            book = LedgerBook()
+            try:
+                killed_at = await _drive(
+                    child,
+                    read_end,
+                    book,
+                    kill_after_acks=kill_after_acks,
+                    kill_after_secs=kill_after_secs,
+                    kill_at=kill_at,
+                    timeout=timeout,
+                )
+            finally:
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+            if killed_at is None:
+                child_output.seek(0)
+                tail = child_output.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"the workload ended (exit {child.returncode}) before the kill point "
+                    f"({book.acknowledged} acknowledged writes); output:\n{tail}"
+                )
+        return await self.check_ledger(book, killed_at, manager_class=manager_class, **options)
+
+    async def check_ledger(
+        self, book: LedgerBook, killed_at: str, *, manager_class: Any = SessionManager, **options: Any
+    ) -> CrashReport:
+        """Recover in a new manager and compare every row with what the ledger allows."""
+        cls = import_object(manager_class) if isinstance(manager_class, str) else manager_class
+        recovered_manager = await self.new_manager(cls, **options)
+        assert recovered_manager.store is not None
+        rows = {session.session_id: session async for session in recovered_manager.store.iter_all()}
+        report = book.check(rows, killed_at)
+        report.recovered = len(recovered_manager.sessions())
+        return report
+
     # the database
 
     def _own_server(self) -> TemporaryPostgres:
@@ -127,3 +216,58 @@ class CrashHarness:
         managers, self._managers = self._managers, []
         for manager in managers:
             await manager.aclose()
+
+
+async def _drive(
+    child: asyncio.subprocess.Process,
+    read_end: int,
+    book: LedgerBook,
+    *,
+    kill_after_acks: int | None,
+    kill_after_secs: float | None,
+    kill_at: str | None,
+    timeout: float,
+) -> str | None:
+    """Read the ledger until the kill point, kill the child, then read what it wrote before dying."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
+    )
+    started = time.monotonic()
+    deadline = started + (kill_after_secs if kill_after_secs is not None else timeout)
+    killed_at: str | None = None
+    try:
+        while killed_at is None:
+            remaining = deadline - time.monotonic()
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout=max(remaining, 0))
+            except TimeoutError:
+                if kill_after_secs is None:
+                    raise TimeoutError(f"the workload reached no kill point within {timeout}s") from None
+                killed_at = f"after {kill_after_secs}s"
+                break
+            if not line:
+                # The child ended on its own. Wait, never kill: signalling an exited child
+                # would reap it behind asyncio's back.
+                await child.wait()
+                return None
+            record = json.loads(line)
+            book.add(record)
+            if kill_after_acks is not None and book.acknowledged >= kill_after_acks:
+                killed_at = f"after {book.acknowledged} acknowledged writes"
+            elif record["t"] == "fault":
+                if record["name"] == kill_at:
+                    killed_at = f"at fault point {kill_at!r}"
+                else:
+                    assert child.stdin is not None
+                    child.stdin.write(b"continue\n")
+                    await child.stdin.drain()
+        child.kill()
+        await child.wait()
+        # Whatever the child wrote before it died is still in the pipe: read it all.
+        while line := await reader.readline():
+            book.add(json.loads(line))
+    finally:
+        transport.close()
+    return killed_at

@@ -300,13 +300,25 @@ class SessionStore:
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
             returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
         )
-        action = "recovering sessions"
+        params = {"stale_before": stale_before, "now": now}
+        async for session in self._stream("recovering sessions", query, params, batch_size):
+            yield session
+
+    async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:
+        """Every row, live or not (for checks after a crash), streamed like ``iter_live``."""
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions").format(returning=_RETURNING, table=_TABLE)
+        async for session in self._stream("reading all sessions", query, {}, batch_size):
+            yield session
+
+    async def _stream(
+        self, action: str, query: sql.Composed, params: Mapping[str, Any], batch_size: int
+    ) -> AsyncIterator[Session]:
         # The deadline applies to each round trip, not to the whole stream: recovering 100k
         # sessions may take longer than one call may wait, and the consumer's time is its own.
         async with self._connection(action, bounded=False) as conn, conn.transaction():
-            cur = conn.cursor(name="exai_recover_sessions", row_factory=dict_row)
+            cur = conn.cursor(name="exai_stream_sessions", row_factory=dict_row)
             async with self._deadline(action):
-                await cur.execute(query, {"stale_before": stale_before, "now": now})
+                await cur.execute(query, params)
             while True:
                 async with self._deadline(action):
                     rows = await cur.fetchmany(batch_size)
