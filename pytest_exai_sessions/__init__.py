@@ -3,6 +3,7 @@
 Importing this package does not import pytest: applications use the core in production.
 """
 
+from .clock import DbClock
 from .errors import (
     ExaiSessionsError,
     MigrationError,
@@ -17,6 +18,7 @@ from .schema import apply_migrations, load_migrations, migration_status
 from .store import SessionStore
 
 __all__ = [
+    "DbClock",
     "ExaiSessionsError",
     "MigrationError",
     "PersistenceError",

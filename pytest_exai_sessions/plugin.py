@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 import pytest
 import pytest_asyncio
 
+from .clock import DbClock
 from .config import ExaiConfig, add_options, read_config
 from .crash import CrashHarness
 from .databases import TestDatabases
@@ -108,3 +109,9 @@ async def crash_harness(exai_dsn: str, exai_pg_server: PostgresServer) -> AsyncI
         yield harness
     finally:
         await harness.aclose()
+
+
+@pytest.fixture
+def exai_db_clock(exai_dsn: str) -> DbClock:
+    """This test's database clock: set("2027-03-15"), advance(days=1), reset(); connections opened later see it."""
+    return DbClock(exai_dsn)

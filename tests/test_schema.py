@@ -187,38 +187,44 @@ class TestUnifiedEvents:
         assert name == again == "event_metric_events_y2031m06"
         assert placed == [("unified.event_metric_events_y2031m06", 2)]
 
-    def test_retention_drops_exactly_the_partitions_older_than_the_window(self, exai_dsn):
-        with connect(exai_dsn) as conn:
-            for month in ("2032-01-15", "2032-02-15", "2032-03-15", "2032-04-15"):
-                conn.execute("SELECT unified.create_monthly_partition(%s::timestamptz)", (month + " 00:00+00",))
-                self.insert_event(conn, month + " 00:00+00")
-            # 2032-04-30 minus 60 days is 2032-03-01: January and February end on or before it.
-            conn.execute("SELECT set_config('unified.clock', '2032-04-30 00:00+00', false)")
-            dropped = sorted(r[0] for r in conn.execute("SELECT unified.cleanup_old_partitions(60)").fetchall())
-            left = conn.execute(
-                "SELECT count(*) FROM unified.event_metric_events WHERE event_timestamp >= '2032-01-01+00'"
-            ).fetchone()
-        assert [d for d in dropped if d.startswith("event_metric_events_y2032")] == [
-            "event_metric_events_y2032m01",
-            "event_metric_events_y2032m02",
-        ]
-        assert left == (2,)
+    # Retention, partition creation under a moved clock, the views' refresh and updated_at
+    # are in test_clock.py, where the database's clock is under the test's control.
 
     def test_the_trigger_standardises_metadata(self, exai_dsn):
+        Jsonb = psycopg.types.json.Jsonb
         with connect(exai_dsn) as conn:
-            _, metadata = self.insert_event(conn, "now()", event_metadata=psycopg.types.json.Jsonb({"k": 1}))
-        assert metadata == {"schema_version": 1, "source_system": "api", "k": 1}
-
-    def test_materialized_views_refresh_concurrently(self, exai_dsn):
-        with connect(exai_dsn) as conn:
-            self.insert_event(conn, "now()", severity="error", duration_ms=40)
-            conn.execute("SELECT unified.refresh_materialized_views()")
-            counts = conn.execute(
-                "SELECT (SELECT count(*) FROM unified.mv_recent_events_24h),"
-                " (SELECT count(*) FROM unified.mv_error_summary_7d),"
-                " (SELECT count(*) FROM unified.mv_performance_metrics_1h)"
+            _, metadata = self.insert_event(conn, "now()", event_metadata=Jsonb({"k": 1}))
+            _, overridden = self.insert_event(conn, "now()", event_metadata=Jsonb({"source_system": "mine"}))
+            # Explicit NULLs become {} before NOT NULL is checked, and metadata gets the standard keys.
+            row = conn.execute(
+                "INSERT INTO unified.event_metric_events"
+                " (event_type, event_category, source_system, event_data, event_metrics, event_metadata)"
+                " VALUES ('t', 'c', 'worker', NULL, NULL, NULL) RETURNING id, event_data, event_metrics, event_metadata"
             ).fetchone()
-        assert counts == (1, 1, 1)
+            # On UPDATE too.
+            updated = conn.execute(
+                "UPDATE unified.event_metric_events SET event_data = NULL, event_metrics = NULL,"
+                " event_metadata = NULL WHERE id = %s RETURNING event_data, event_metrics, event_metadata",
+                (row[0],),
+            ).fetchone()
+            refused = {}
+            for column in ("event_data", "event_metrics", "event_metadata"):
+                for value in ([1, 2], "text", 3):
+                    with pytest.raises(psycopg.errors.CheckViolation) as failure:
+                        self.insert_event(conn, "now()", **{column: Jsonb(value)})
+                    refused[(column, str(value))] = failure.value.diag.message_primary
+            count = conn.execute("SELECT count(*) FROM unified.event_metric_events").fetchone()
+
+        standard = {"schema_version": 1, "source_system": "worker"}
+        assert metadata == {"schema_version": 1, "source_system": "api", "k": 1}
+        assert overridden == {"schema_version": 1, "source_system": "mine"}  # the caller's keys win
+        assert row[1:] == ({}, {}, standard)
+        assert updated == ({}, {}, standard)
+        assert refused[("event_data", "[1, 2]")] == "event_data must be a JSON object, got a JSON array"
+        assert refused[("event_metrics", "text")] == "event_metrics must be a JSON object, got a JSON string"
+        assert refused[("event_metadata", "3")] == "event_metadata must be a JSON object, got a JSON number"
+        assert len(refused) == 9
+        assert count == (3,)
 
 
 class TestRowLevelSecurity:
