@@ -14,10 +14,12 @@ from .errors import (
 from .manager import SessionManager
 from .models import Session, SessionState, UserType
 from .recovery import RecoveryDiff, assert_full_recovery, compare_snapshots, snapshot
+from .rls import ActingAs, as_role, as_service_role, as_user
 from .schema import apply_migrations, load_migrations, migration_status
 from .store import SessionStore
 
 __all__ = [
+    "ActingAs",
     "DbClock",
     "ExaiSessionsError",
     "MigrationError",
@@ -31,6 +33,9 @@ __all__ = [
     "SessionStore",
     "UserType",
     "apply_migrations",
+    "as_role",
+    "as_service_role",
+    "as_user",
     "assert_full_recovery",
     "compare_snapshots",
     "load_migrations",

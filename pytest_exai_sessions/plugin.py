@@ -14,6 +14,7 @@ from .config import ExaiConfig, add_options, read_config
 from .crash import CrashHarness
 from .databases import TestDatabases
 from .manager import SessionManager
+from .rls import ActingAs, as_role, as_service_role, as_user
 from .server import ExternalPostgres, PostgresServer, TemporaryPostgres, find_bindir, server_os_user
 from .store import SessionStore
 
@@ -115,3 +116,21 @@ async def crash_harness(exai_dsn: str, exai_pg_server: PostgresServer) -> AsyncI
 def exai_db_clock(exai_dsn: str) -> DbClock:
     """This test's database clock: set("2027-03-15"), advance(days=1), reset(); connections opened later see it."""
     return DbClock(exai_dsn)
+
+
+@pytest.fixture
+def exai_as_user() -> Callable[..., ActingAs]:
+    """``async with exai_as_user(conn, user_id, claims={...}):`` act as that signed-in user (role authenticated)."""
+    return as_user
+
+
+@pytest.fixture
+def exai_as_role() -> Callable[..., ActingAs]:
+    """``async with exai_as_role(conn, "anon"):`` act as a database role with claims {"role": role}."""
+    return as_role
+
+
+@pytest.fixture
+def exai_as_service_role() -> Callable[..., ActingAs]:
+    """``async with exai_as_service_role(conn):`` act as service_role, which bypasses row-level security."""
+    return as_service_role
