@@ -11,8 +11,20 @@ from .errors import (
     SessionLimitExceeded,
     SessionNotFound,
 )
+from .events import EventStore, SessionLifecycle
 from .manager import SessionManager
-from .models import Session, SessionState, UserType
+from .models import (
+    ErrorSummary,
+    Event,
+    EventSeverity,
+    EventStatus,
+    PerformanceMetrics,
+    RecentEvent,
+    RecordedEvent,
+    Session,
+    SessionState,
+    UserType,
+)
 from .recovery import RecoveryDiff, assert_full_recovery, compare_snapshots, snapshot
 from .rls import ActingAs, as_role, as_service_role, as_user
 from .schema import apply_migrations, load_migrations, migration_status
@@ -21,11 +33,20 @@ from .store import SessionStore
 __all__ = [
     "ActingAs",
     "DbClock",
+    "ErrorSummary",
+    "Event",
+    "EventSeverity",
+    "EventStatus",
+    "EventStore",
     "ExaiSessionsError",
     "MigrationError",
+    "PerformanceMetrics",
     "PersistenceError",
+    "RecentEvent",
+    "RecordedEvent",
     "RecoveryDiff",
     "Session",
+    "SessionLifecycle",
     "SessionLimitExceeded",
     "SessionManager",
     "SessionNotFound",

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 from typing import Any, Self
 
 from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
-from .models import Session, SessionState, check_duration_ms, check_session_id, utc_now
+from .events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE, EventStore, SessionEvents, SessionLifecycle
+from .models import Event, Session, SessionState, check_duration_ms, check_session_id, utc_now
 from .store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,12 @@ class SessionManager:
     With ``store=None`` it keeps sessions in memory only (what the original manager did).
     With a store, every call writes to PostgreSQL before it returns, so a crash right
     after a returned ``await`` loses nothing, and ``start()`` recovers every live session.
+
+    With ``record_events=True`` it also records its lifecycle in
+    ``unified.event_metric_events`` (see ``SessionLifecycle``): a created, expired or
+    removed session's event is written by the same statement as the change, so both
+    commit or neither does; each recovery records one event with the number of sessions.
+    Requests and updates record nothing (the hot path stays one statement).
     """
 
     def __init__(
@@ -41,6 +48,7 @@ class SessionManager:
         cleanup_interval_secs: float = 300,
         max_inflight: int = 8,
         close_store: bool = False,
+        record_events: bool = False,
     ) -> None:
         """``close_store=True`` makes ``aclose()`` close the store too (for a store opened just for it)."""
         _require_positive("session_timeout_secs", session_timeout_secs)
@@ -50,7 +58,11 @@ class SessionManager:
             raise ValueError(
                 f"cleanup_interval_secs must be >= 0 (0 turns periodic cleanup off), got {cleanup_interval_secs}"
             )
+        if record_events and store is None:
+            raise ValueError("record_events=True needs a store: the events are written to the database")
         self.store = store
+        self.record_events = bool(record_events)
+        self.events: EventStore | None = EventStore(store) if record_events and store is not None else None
         self.session_timeout_secs = session_timeout_secs
         self.max_concurrent_sessions = max_concurrent_sessions
         self.cleanup_interval_secs = cleanup_interval_secs
@@ -74,6 +86,7 @@ class SessionManager:
             "max_concurrent_sessions": self.max_concurrent_sessions,
             "cleanup_interval_secs": self.cleanup_interval_secs,
             "max_inflight": self.max_inflight,
+            "record_events": self.record_events,
         }
 
     @property
@@ -187,6 +200,10 @@ class SessionManager:
     def _write_lock(self, session_id: str) -> asyncio.Lock:
         return self._write_locks.setdefault(session_id, asyncio.Lock())
 
+    def _lifecycle(self, event_type: SessionLifecycle, **data: Any) -> SessionEvents | None:
+        """The lifecycle events a store call should record along with its change, if any."""
+        return SessionEvents(event_type, data) if self.record_events else None
+
     # operations
 
     async def ensure(self, session_id: str | None = None, **attrs: Any) -> Session:
@@ -238,15 +255,16 @@ class SessionManager:
                 raise SessionLimitExceeded(self.max_concurrent_sessions)
             return loaded
         self._creating += 1
+        events = self._lifecycle(SessionLifecycle.CREATED)
         try:
-            created = await self.store.create(candidate, stale_before=stale_before, now=now)
+            created = await self.store.create(candidate, stale_before=stale_before, now=now, events=events)
             if created is not None:
                 return created
             loaded = await self.store.fetch_live(session_id, stale_before=stale_before, now=now)
             if loaded is not None:
                 return loaded
             # The live row went stale between the two statements: creating now succeeds.
-            created = await self.store.create(candidate, stale_before=stale_before, now=now)
+            created = await self.store.create(candidate, stale_before=stale_before, now=now, events=events)
             if created is None:
                 raise PersistenceError(f"session {session_id!r} changed concurrently while being created; retry")
             return created
@@ -273,7 +291,7 @@ class SessionManager:
         check_session_id(session_id)  # ignored means unknown, not invalid: a bad id raises ValueError
         if self.store is not None:
             async with self._write_lock(session_id):
-                await self.store.delete(session_id)
+                await self.store.delete(session_id, events=self._lifecycle(SessionLifecycle.REMOVED))
         self._forget(session_id)
 
     async def list_ids(self) -> list[str]:
@@ -374,7 +392,12 @@ class SessionManager:
             return 0
         if self.store is not None:
             now = self._now()
-            await self.store.expire(stale, stale_before=self._stale_before(now), now=now)
+            await self.store.expire(
+                stale,
+                stale_before=self._stale_before(now),
+                now=now,
+                events=self._lifecycle(SessionLifecycle.EXPIRED, reason="timed out"),
+            )
         for session_id in stale:
             self._forget(session_id)
         return len(stale)
@@ -398,10 +421,23 @@ class SessionManager:
         if self.store is None:
             return 0
         now = self._now()
+        started = time.monotonic()
         recovered = 0
         async for session in self.store.iter_live(stale_before=self._stale_before(now), now=now):
             self._sessions[session.session_id] = session
             recovered += 1
+        if self.events is not None:
+            # After loading: the sessions in memory are what the database holds either way,
+            # and a failure to record raises like any other database error.
+            await self.events.record(
+                Event(
+                    event_type=SessionLifecycle.RECOVERED,
+                    event_category=LIFECYCLE_CATEGORY,
+                    source_system=LIFECYCLE_SOURCE,
+                    event_metrics={"sessions": recovered},
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                )
+            )
         return recovered
 
     def sessions(self) -> dict[str, Session]:

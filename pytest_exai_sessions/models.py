@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
 from ipaddress import ip_address
 from typing import Annotated, Any
+from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -176,3 +177,128 @@ class Session(BaseModel):
     @classmethod
     def _valid_ip(cls, value: str | None) -> str | None:
         return check_ip_address(value)
+
+
+# Events: rows of unified.event_metric_events, field for field (names are the column names).
+
+# bigint and integer columns: a larger Python int is refused here, not by the database.
+BIGINT_MAX = 2**63 - 1
+INTEGER_MAX = 2**31 - 1
+
+
+class EventSeverity(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+class EventStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RESOLVED = "resolved"
+    CANCELLED = "cancelled"
+
+
+def check_label(value: str) -> str:
+    """Event type, category and source: non-blank text PostgreSQL can store."""
+    if not value.strip():
+        raise ValueError("must not be empty or blank")
+    return check_text(value)
+
+
+Label = Annotated[StrictStr, AfterValidator(check_label)]
+Count = Annotated[StrictInt, Field(ge=0, le=BIGINT_MAX)]
+
+
+class Event(BaseModel):
+    """An event to record in ``unified.event_metric_events``.
+
+    ``event_timestamp=None`` lets the database stamp it with ``unified.clock_now()``; the
+    partition it lands in follows that timestamp. The metadata trigger adds
+    ``schema_version`` and ``source_system`` to ``event_metadata`` (the caller's keys win).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    event_type: Label
+    event_category: Label
+    source_system: Label
+    event_timestamp: UtcDatetime | None = None
+    event_data: JsonObject = Field(default_factory=dict)
+    event_metrics: JsonObject = Field(default_factory=dict)
+    event_metadata: JsonObject = Field(default_factory=dict)
+    # Nullable in the table (rows written by other tools may hold NULL), hence "| None".
+    severity: EventSeverity | None = EventSeverity.INFO
+    status: EventStatus | None = EventStatus.COMPLETED
+    priority: Annotated[StrictInt, Field(ge=0, le=10)] | None = 0
+    retry_count: Annotated[StrictInt, Field(ge=0, le=INTEGER_MAX)] = 0
+    max_retries: Annotated[StrictInt, Field(ge=0, le=INTEGER_MAX)] = 3
+    resolved_at: UtcDatetime | None = None
+    duration_ms: Count | None = None
+    data_size_bytes: Count | None = None
+    response_time_ms: Count | None = None
+    correlation_id: Text | None = None
+    user_id: Text | None = None
+    session_id: Text | None = None
+
+
+class RecordedEvent(Event):
+    """An event as the table holds it, with the values the database assigned."""
+
+    id: UUID
+    event_timestamp: UtcDatetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class RecentEvent(BaseModel):
+    """A row of ``unified.mv_recent_events_24h``: an event of the last 24 hours."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: UUID
+    event_timestamp: UtcDatetime
+    event_type: str
+    event_category: str
+    source_system: str
+    severity: EventSeverity | None
+    status: EventStatus | None
+    session_id: str | None
+    user_id: str | None
+    duration_ms: int | None
+
+
+class ErrorSummary(BaseModel):
+    """A row of ``unified.mv_error_summary_7d``: errors per UTC day, type, source and severity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_day: date
+    event_type: str
+    source_system: str
+    severity: str
+    error_count: int
+    first_seen_at: UtcDatetime
+    last_seen_at: UtcDatetime
+
+
+class PerformanceMetrics(BaseModel):
+    """A row of ``unified.mv_performance_metrics_1h``: durations per type and source in the last hour."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_type: str
+    source_system: str
+    event_count: int
+    avg_duration_ms: float | None
+    p95_duration_ms: float | None
+    max_duration_ms: int | None
+    avg_response_time_ms: float | None
+    p95_response_time_ms: float | None
+    max_response_time_ms: int | None
+    window_start: UtcDatetime
+    window_end: UtcDatetime

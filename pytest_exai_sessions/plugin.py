@@ -13,6 +13,7 @@ from .clock import DbClock
 from .config import ExaiConfig, add_options, read_config
 from .crash import CrashHarness
 from .databases import TestDatabases
+from .events import EventStore
 from .manager import SessionManager
 from .rls import ActingAs, as_role, as_service_role, as_user
 from .server import ExternalPostgres, PostgresServer, TemporaryPostgres, find_bindir, server_os_user
@@ -110,6 +111,13 @@ async def crash_harness(exai_dsn: str, exai_pg_server: PostgresServer) -> AsyncI
         yield harness
     finally:
         await harness.aclose()
+
+
+@pytest_asyncio.fixture
+async def event_store(exai_dsn: str) -> AsyncIterator[EventStore]:
+    """An EventStore (unified.event_metric_events and its views) on this test's database."""
+    async with await EventStore.open(exai_dsn) as store:
+        yield store
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import select
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import psycopg
 from psycopg import sql
@@ -25,6 +25,9 @@ from pydantic import ValidationError
 
 from .errors import PersistenceError
 from .models import Session
+
+if TYPE_CHECKING:
+    from .events import SessionEvents
 
 # Python field -> column of public.sessions; the one place that knows the mapping.
 COLUMNS: Mapping[str, str] = {
@@ -64,6 +67,26 @@ _LIVE = sql.SQL(
     " AND ({t}.expires_at IS NULL OR {t}.expires_at > %(now)s)"
 )
 _LIVE_SESSIONS = _LIVE.format(t=sql.Identifier("sessions"))
+
+
+# The name under which a change's rows are handed to the lifecycle-event INSERT.
+_CHANGED = sql.Identifier("changed")
+
+
+def _logged(change: sql.Composed, events: SessionEvents | None, result: sql.SQL) -> tuple[sql.Composed, dict[str, Any]]:
+    """``change`` alone, or with an event per changed row inserted by the same statement.
+
+    One statement, so the session change and its events commit together or not at all, in
+    one round trip. ``change`` must return ``session_id`` and ``user_id``; ``result`` is
+    what the whole statement then returns of those rows. The event SQL lives in events.py.
+    """
+    if events is None:
+        return change, {}
+    insert, params = events.insert_from(_CHANGED)
+    query = sql.SQL("WITH {changed} AS ({change}), logged AS ({insert}) SELECT {result} FROM {changed}").format(
+        changed=_CHANGED, change=change, insert=insert, result=result
+    )
+    return query, params
 
 
 def _param(field: str, value: Any) -> Any:
@@ -217,10 +240,13 @@ class SessionStore:
             row = await cur.fetchone()
         return None if row is None else _to_session(row)
 
-    async def create(self, session: Session, *, stale_before: datetime, now: datetime) -> Session | None:
+    async def create(
+        self, session: Session, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+    ) -> Session | None:
         """Insert ``session``, or restart a row under its id that is no longer live.
 
         Returns the stored row, or None when a live session already holds the id.
+        ``events``: also record a lifecycle event for the row, in the same statement.
         """
         fields = list(COLUMNS)
         columns = sql.SQL(", ").join(sql.Identifier(COLUMNS[f]) for f in fields)
@@ -229,13 +255,14 @@ class SessionStore:
         updates = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(COLUMNS[f])) for f in fields if f != "session_id"
         )
-        query = sql.SQL(
+        change = sql.SQL(
             "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
             " ON CONFLICT (session_id) DO UPDATE SET {updates} WHERE NOT ({live}) RETURNING {returning}"
         ).format(
             table=_TABLE, columns=columns, values=values, updates=updates, live=_LIVE_SESSIONS, returning=_RETURNING
         )
-        params = {f: _param(f, getattr(session, f)) for f in fields}
+        query, params = _logged(change, events, sql.SQL("*"))
+        params.update({f: _param(f, getattr(session, f)) for f in fields})
         params.update(stale_before=stale_before, now=now)
         return await self._fetch_one(f"creating session {session.session_id!r}", query, params)
 
@@ -273,24 +300,34 @@ class SessionStore:
         params.update(id=session_id, now=now, stale_before=stale_before)
         return await self._fetch_one(f"updating session {session_id!r}", query, params)
 
-    async def delete(self, session_id: str) -> bool:
-        query = sql.SQL("DELETE FROM {table} WHERE session_id = %s").format(table=_TABLE)
+    async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
+        """Delete the row; False when there was none. ``events``: record it, in the same statement."""
+        change = sql.SQL("DELETE FROM {table} WHERE session_id = %(id)s RETURNING session_id, user_id").format(
+            table=_TABLE
+        )
+        query, params = _logged(change, events, sql.SQL("session_id"))
+        params["id"] = session_id
         async with self._connection(f"deleting session {session_id!r}") as conn:
-            cur = await conn.execute(query, (session_id,))
+            cur = await conn.execute(query, params)
             return cur.rowcount > 0
 
-    async def expire(self, session_ids: list[str], *, stale_before: datetime, now: datetime) -> list[str]:
+    async def expire(
+        self, session_ids: list[str], *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+    ) -> list[str]:
         """Mark the given sessions expired where they are no longer live; return those ids.
 
         The liveness guard keeps a session another replica just used from being expired.
+        ``events``: record one event per expired session, in the same statement.
         """
-        query = sql.SQL(
+        change = sql.SQL(
             "UPDATE {table} AS sessions SET session_state = 'expired'"
             " WHERE session_id = ANY(%(ids)s) AND session_state = 'active' AND NOT ({live})"
-            " RETURNING session_id"
+            " RETURNING session_id, user_id"
         ).format(table=_TABLE, live=_LIVE_SESSIONS)
+        query, params = _logged(change, events, sql.SQL("session_id"))
+        params.update(ids=session_ids, stale_before=stale_before, now=now)
         async with self._connection(f"expiring {len(session_ids)} sessions") as conn:
-            cur = await conn.execute(query, {"ids": session_ids, "stale_before": stale_before, "now": now})
+            cur = await conn.execute(query, params)
             return [row[0] for row in await cur.fetchall()]
 
     async def iter_live(
