@@ -352,8 +352,11 @@ class SessionStore:
     ) -> AsyncIterator[Session]:
         # The deadline applies to each round trip, not to the whole stream: recovering 100k
         # sessions may take longer than one call may wait, and the consumer's time is its own.
-        async with self._connection(action, bounded=False) as conn, conn.transaction():
-            cur = conn.cursor(name="exai_stream_sessions", row_factory=dict_row)
+        async with (
+            self._connection(action, bounded=False) as conn,
+            conn.transaction(),
+            conn.cursor(name="exai_stream_sessions", row_factory=dict_row) as cur,
+        ):
             async with self._deadline(action):
                 await cur.execute(query, params)
             while True:
