@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, Self
@@ -321,6 +321,49 @@ class SessionManager:
             updated = self._require_stored(session_id, stored)
             self._sessions[session_id] = updated
         return updated
+
+    async def update_activity_many(self, requests: Iterable[tuple[str, int | None]]) -> dict[str, Session]:
+        """Count many requests at once: ``[(session_id, duration_ms or None), ...]``.
+
+        For high-rate callers: one statement for the whole batch (an id may appear more than
+        once). All or nothing: if any session is unknown or not live, nothing is counted and
+        ``SessionNotFound`` names the first such id. Returns the sessions by id, as stored.
+        """
+        totals: dict[str, tuple[int, int]] = {}
+        for session_id, duration_ms in requests:
+            check_session_id(session_id)
+            duration = 0 if duration_ms is None else check_duration_ms(duration_ms)
+            count, total = totals.get(session_id, (0, 0))
+            totals[session_id] = (count + 1, total + duration)
+        if not totals:
+            return {}
+        now = self._now()
+        if self.store is None:
+            current = {sid: self._require_live_in_memory(sid) for sid in totals}
+            updated = {
+                sid: session.model_copy(
+                    update={
+                        "request_count": session.request_count + totals[sid][0],
+                        "total_duration_ms": session.total_duration_ms + totals[sid][1],
+                        "last_activity": now,
+                    }
+                )
+                for sid, session in current.items()
+            }
+            self._sessions.update(updated)
+            return updated
+        async with contextlib.AsyncExitStack() as locks:
+            # In a fixed order, so two overlapping batches cannot wait for each other.
+            for session_id in sorted(totals):
+                await locks.enter_async_context(self._write_lock(session_id))
+            now = self._now()
+            stored = await self.store.record_requests(totals, now=now, stale_before=self._stale_before(now))
+            found = {session.session_id: session for session in stored}
+            missing = [sid for sid in totals if sid not in found]
+            if missing:
+                raise SessionNotFound(missing[0])
+            self._sessions.update(found)
+        return found
 
     async def update(
         self,

@@ -285,6 +285,38 @@ class SessionStore:
         params = {"id": session_id, "duration_ms": duration_ms, "now": now, "stale_before": stale_before}
         return await self._fetch_one(f"recording a request of session {session_id!r}", query, params)
 
+    async def record_requests(
+        self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
+    ) -> list[Session]:
+        """Count many requests in one statement: ``{session_id: (count, duration_ms)}``.
+
+        All or nothing: when a session is not live, nothing is counted and the result lists
+        only the live ones, so the caller can tell which are missing.
+        """
+        ids = list(requests)
+        query = sql.SQL(
+            "UPDATE {table} AS sessions SET request_count = request_count + batch.requests,"
+            " total_duration_ms = total_duration_ms + batch.duration_ms, last_activity_at = %(now)s"
+            " FROM unnest(%(ids)s::text[], %(counts)s::bigint[], %(durations)s::bigint[])"
+            " AS batch(batch_session_id, requests, duration_ms)"
+            " WHERE sessions.session_id = batch.batch_session_id AND {live} RETURNING {returning}"
+        ).format(table=_TABLE, live=_LIVE_SESSIONS, returning=_RETURNING)
+        params = {
+            "ids": ids,
+            "counts": [requests[i][0] for i in ids],
+            "durations": [requests[i][1] for i in ids],
+            "now": now,
+            "stale_before": stale_before,
+        }
+        action = f"recording requests of {len(ids)} sessions"
+        async with self._connection(action) as conn, conn.transaction() as transaction:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query, params)
+            rows = await cur.fetchall()
+            if len(rows) != len(ids):
+                raise psycopg.Rollback(transaction)  # leaves the block quietly, nothing counted
+        return [_to_session(row) for row in rows]
+
     async def update(
         self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
     ) -> Session | None:
