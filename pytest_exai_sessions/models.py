@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -177,6 +178,34 @@ class Session(BaseModel):
     @classmethod
     def _valid_ip(cls, value: str | None) -> str | None:
         return check_ip_address(value)
+
+    @classmethod
+    def from_database(cls, row: Mapping[str, Any]) -> Session:
+        """A session from a row of ``public.sessions``, checked where the table is laxer than the model.
+
+        Full validation walks every JSON value, which made recovering 100k sessions three
+        times slower than reading them. What jsonb, inet and the table's checks already
+        guarantee is not checked again; the id (the table allows control characters), the
+        enums and the timestamps are. A ValueError names what is wrong.
+        """
+        created_at, last_activity, expires_at = row["created_at"], row["last_activity"], row["expires_at"]
+        if created_at.tzinfo is None or last_activity.tzinfo is None:
+            raise ValueError("timestamps must be timezone-aware")
+        return cls.model_construct(
+            session_id=check_session_id(row["session_id"]),
+            state=SessionState(row["state"]),
+            user_id=row["user_id"],
+            user_type=UserType(row["user_type"]),
+            ip_address=row["ip_address"],
+            user_agent=row["user_agent"],
+            data=row["data"],
+            metadata=row["metadata"],
+            request_count=row["request_count"],
+            total_duration_ms=row["total_duration_ms"],
+            created_at=created_at.astimezone(UTC),
+            last_activity=last_activity.astimezone(UTC),
+            expires_at=None if expires_at is None else expires_at.astimezone(UTC),
+        )
 
 
 # Events: rows of unified.event_metric_events, field for field (names are the column names).

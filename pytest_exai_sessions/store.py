@@ -9,6 +9,7 @@ memory is, by construction, what a reload after a crash returns.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import select
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -21,7 +22,6 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from pydantic import ValidationError
 
 from .errors import PersistenceError
 from .models import Session
@@ -89,6 +89,55 @@ def _logged(change: sql.Composed, events: SessionEvents | None, result: sql.SQL)
     return query, params
 
 
+# A statement as psycopg takes it. The hot ones are composed once and kept as bytes:
+# composing psycopg.sql objects on every call cost more than the round trip itself.
+Query = bytes | sql.Composed
+
+
+def _compiled(query: sql.Composable) -> bytes:
+    return query.as_bytes(None)
+
+
+def _create_query_composed() -> sql.Composed:
+    columns = sql.SQL(", ").join(sql.Identifier(column) for column in COLUMNS.values())
+    values = sql.SQL(", ").join(sql.Placeholder(field) for field in COLUMNS)
+    # created_at restarts too: a restarted id is a new session.
+    updates = sql.SQL(", ").join(
+        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(column))
+        for field, column in COLUMNS.items()
+        if field != "session_id"
+    )
+    return sql.SQL(
+        "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
+        " ON CONFLICT (session_id) DO UPDATE SET {updates} WHERE NOT ({live}) RETURNING {returning}"
+    ).format(table=_TABLE, columns=columns, values=values, updates=updates, live=_LIVE_SESSIONS, returning=_RETURNING)
+
+
+@functools.cache
+def _create_query() -> bytes:
+    return _compiled(_create_query_composed())
+
+
+@functools.cache
+def _fetch_live_query() -> bytes:
+    return _compiled(
+        sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}").format(
+            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+        )
+    )
+
+
+@functools.cache
+def _record_request_query() -> bytes:
+    return _compiled(
+        sql.SQL(
+            "UPDATE {table} AS sessions SET request_count = request_count + 1,"
+            " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s"
+            " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
+        ).format(table=_TABLE, live=_LIVE_SESSIONS, returning=_RETURNING)
+    )
+
+
 def _param(field: str, value: Any) -> Any:
     if field in _JSON_FIELDS:
         return Jsonb(value)
@@ -99,8 +148,8 @@ def _param(field: str, value: Any) -> Any:
 
 def _to_session(row: Mapping[str, Any]) -> Session:
     try:
-        return Session.model_validate(row)
-    except ValidationError as error:
+        return Session.from_database(row)
+    except (ValueError, KeyError, AttributeError) as error:
         raise PersistenceError(
             f"row of public.sessions with session_id {row.get('session_id')!r} is not a valid session: {error}"
         ) from error
@@ -233,7 +282,7 @@ class SessionStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _fetch_one(self, action: str, query: sql.Composed, params: Mapping[str, Any]) -> Session | None:
+    async def _fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> Session | None:
         async with self._connection(action) as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(query, params)
@@ -248,42 +297,24 @@ class SessionStore:
         Returns the stored row, or None when a live session already holds the id.
         ``events``: also record a lifecycle event for the row, in the same statement.
         """
-        fields = list(COLUMNS)
-        columns = sql.SQL(", ").join(sql.Identifier(COLUMNS[f]) for f in fields)
-        values = sql.SQL(", ").join(sql.Placeholder(f) for f in fields)
-        # created_at restarts too: a restarted id is a new session.
-        updates = sql.SQL(", ").join(
-            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(COLUMNS[f])) for f in fields if f != "session_id"
-        )
-        change = sql.SQL(
-            "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
-            " ON CONFLICT (session_id) DO UPDATE SET {updates} WHERE NOT ({live}) RETURNING {returning}"
-        ).format(
-            table=_TABLE, columns=columns, values=values, updates=updates, live=_LIVE_SESSIONS, returning=_RETURNING
-        )
-        query, params = _logged(change, events, sql.SQL("*"))
-        params.update({f: _param(f, getattr(session, f)) for f in fields})
+        query: Query = _create_query()
+        params: dict[str, Any] = {}
+        if events is not None:
+            query, params = _logged(_create_query_composed(), events, sql.SQL("*"))
+        params.update({f: _param(f, getattr(session, f)) for f in COLUMNS})
         params.update(stale_before=stale_before, now=now)
         return await self._fetch_one(f"creating session {session.session_id!r}", query, params)
 
     async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
-        query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}").format(
-            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
-        )
         params = {"id": session_id, "stale_before": stale_before, "now": now}
-        return await self._fetch_one(f"loading session {session_id!r}", query, params)
+        return await self._fetch_one(f"loading session {session_id!r}", _fetch_live_query(), params)
 
     async def record_request(
         self, session_id: str, *, duration_ms: int, now: datetime, stale_before: datetime
     ) -> Session | None:
         """Count one request atomically; None when no live session has the id."""
-        query = sql.SQL(
-            "UPDATE {table} AS sessions SET request_count = request_count + 1,"
-            " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s"
-            " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, live=_LIVE_SESSIONS, returning=_RETURNING)
         params = {"id": session_id, "duration_ms": duration_ms, "now": now, "stale_before": stale_before}
-        return await self._fetch_one(f"recording a request of session {session_id!r}", query, params)
+        return await self._fetch_one(f"recording a request of session {session_id!r}", _record_request_query(), params)
 
     async def record_requests(
         self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
