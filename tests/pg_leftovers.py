@@ -7,6 +7,7 @@ is there after, and attributes what is new to this process where it can.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_exai_sessions.server import default_basedir
+from pytest_exai_sessions.server.cluster import OWNER_LOCK
 
 CLUSTER_PREFIX = "exai-pg-"
 
@@ -120,9 +122,13 @@ class Leftovers:
 
     def new_dirs(self) -> set[Path]:
         table = processes()
-        mine = {p.pid for p in descendants(os.getpid(), table)}
-        foreign = [p for p in table.values() if p.pid not in mine and p.pid != os.getpid()]
-        return {d for d in cluster_dirs(self.basedir) - self.dirs if not any(p.mentions(d) for p in foreign)}
+        mine = {p.pid for p in descendants(os.getpid(), table)} | {os.getpid()}
+        foreign = [p for p in table.values() if p.pid not in mine]
+        return {
+            d
+            for d in cluster_dirs(self.basedir) - self.dirs
+            if not any(p.mentions(d) for p in foreign) and not _owned_by_another_live_process(d, mine)
+        }
 
     def assert_clean(self, *, roots: Sequence[Path] = ()) -> None:
         """Nothing new is left, and in particular none of ``roots`` (clusters a run reported)."""
@@ -132,6 +138,37 @@ class Leftovers:
         assert not postmasters, f"postmasters left running: {postmasters}"
         dirs = self.new_dirs()
         assert not dirs, f"cluster directories left behind: {sorted(dirs)}"
+
+
+def _owned_by_another_live_process(root: Path, mine: set[int], wait: float = 2.0) -> bool:
+    """The directory's ``owner.lock`` is held by a live process outside ``mine``: another run's cluster.
+
+    A cluster directory gets its lock file right after it is created; one seen in between
+    is given ``wait`` seconds to show it.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        lock = root / OWNER_LOCK
+        pending = list(root.glob(f".{OWNER_LOCK}.*"))
+        if lock.exists() or pending:
+            break
+        if not root.exists():
+            return True  # gone by itself: not a leftover
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    try:
+        owner = int((lock if lock.exists() else pending[0]).read_text().split()[0])
+        fd = os.open(lock if lock.exists() else pending[0], os.O_RDONLY)
+    except (OSError, ValueError, IndexError):
+        return not root.exists()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return owner not in mine  # held: by its live owner
+    finally:
+        os.close(fd)
+    return False  # nobody holds it: whoever made it is dead, and it was left behind
 
 
 def private_basedir() -> Iterator[Path]:

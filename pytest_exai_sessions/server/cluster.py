@@ -328,7 +328,11 @@ class TemporaryPostgres:
             "--no-sync",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._as_server_user())
+            try:
+                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._as_server_user())
+            except OSError as error:  # the binary itself cannot be run, e.g. by the server's OS user
+                user = self.os_user.name if self.os_user is not None else "this user"
+                raise ServerStartError(f"initdb failed: cannot run {command[0]} as {user}: {error}") from None
         if result.returncode != 0:
             raise ServerStartError(f"initdb failed (exit {result.returncode}):\n{self.log_tail()}")
 
