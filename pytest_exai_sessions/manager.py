@@ -331,10 +331,11 @@ class SessionManager:
         """
         totals: dict[str, tuple[int, int]] = {}
         for session_id, duration_ms in requests:
-            check_session_id(session_id)
             duration = 0 if duration_ms is None else check_duration_ms(duration_ms)
             count, total = totals.get(session_id, (0, 0))
             totals[session_id] = (count + 1, total + duration)
+        for session_id in totals:
+            check_session_id(session_id)  # once per session, not per request: batches repeat ids
         if not totals:
             return {}
         now = self._now()
