@@ -196,7 +196,7 @@ class Session(BaseModel):
             state=SessionState(row["state"]),
             user_id=row["user_id"],
             user_type=UserType(row["user_type"]),
-            ip_address=row["ip_address"],
+            ip_address=_ip_from_database(row["ip_address"]),
             user_agent=row["user_agent"],
             data=row["data"],
             metadata=row["metadata"],
@@ -206,6 +206,17 @@ class Session(BaseModel):
             last_activity=last_activity.astimezone(UTC),
             expires_at=None if expires_at is None else expires_at.astimezone(UTC),
         )
+
+
+def _ip_from_database(value: str | None) -> str | None:
+    """inet text as validation writes it, so that a session read back equals the one created.
+
+    Only IPv6 with an embedded IPv4 part differs: PostgreSQL writes "::ffff:192.0.2.1",
+    Python (before 3.13) "::ffff:c000:201".
+    """
+    if value is not None and ":" in value and "." in value:
+        return check_ip_address(value)
+    return value
 
 
 # Events: rows of unified.event_metric_events, field for field (names are the column names).
