@@ -1,0 +1,674 @@
+"""Crashes as a property: a Hypothesis state machine that crashes a manager at random points.
+
+``SessionCrashMachine`` drives a ``SessionManager`` with random sequences of create,
+update_activity, update, remove, request, get and cleanup, interleaved with crashes of the
+manager (``crash_and_restart``) and of the database (SIGKILL or immediate shutdown of the
+postmaster, then a restart). A plain-Python ``SessionModel`` keeps what the manager
+acknowledged; every returned session is checked against it, the manager's memory after
+every step, and after every crash the recovered sessions and the rows of
+``public.sessions`` must equal it exactly. When a sequence fails, Hypothesis shrinks it to
+a short one and prints it.
+
+Run it from a synchronous pytest test (the machine owns its event loop)::
+
+    from pytest_exai_sessions.stateful import SessionCrashMachine, run_crash_machine
+
+    class MyCrashMachine(SessionCrashMachine):
+        manager_class = MyManager                      # your SessionManager subclass
+        manager_options = {"max_concurrent_sessions": 3}
+
+    def test_my_manager_survives_crashes(exai_dsn, exai_pg_server):
+        run_crash_machine(MyCrashMachine, exai_dsn, exai_pg_server)
+
+This module needs Hypothesis (``pip install "pytest-exai-sessions[stateful]"``); the rest
+of the package does not import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, TypeVar, cast
+
+import hypothesis
+import psycopg
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from psycopg.rows import dict_row
+from pydantic import ValidationError
+
+from .crash import CrashHarness
+from .errors import SessionLimitExceeded, SessionNotFound
+from .manager import SessionManager
+from .models import MAX_DURATION_MS, Session, SessionState, UserType, check_ip_address
+from .recovery import compare_snapshots
+from .server.cluster import TemporaryPostgres
+from .server.connection import PostgresServer
+
+T = TypeVar("T")
+
+# The fields the model predicts exactly. created_at and last_activity are the database's
+# clock: the model takes them from each acknowledgement and checks they move sensibly.
+PREDICTED_FIELDS = (
+    "state",
+    "user_id",
+    "user_type",
+    "ip_address",
+    "user_agent",
+    "data",
+    "metadata",
+    "request_count",
+    "total_duration_ms",
+    "expires_at",
+)
+_SETTABLE_FIELDS = frozenset(PREDICTED_FIELDS) - {"request_count", "total_duration_ms"}
+# The model assumes nothing times out during a run; a shorter timeout would make it wrong.
+MIN_SESSION_TIMEOUT_SECS = 600
+
+
+# The reference model
+
+
+@dataclass
+class ModelSession:
+    """One row of ``public.sessions`` as the model expects it."""
+
+    session_id: str
+    state: SessionState = SessionState.ACTIVE
+    user_id: str | None = None
+    user_type: UserType = UserType.HUMAN
+    ip_address: str | None = None
+    user_agent: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    request_count: int = 0
+    total_duration_ms: int = 0
+    expires_at: datetime | None = None
+    # Not predicted: taken from the acknowledgement (the Session the manager returned).
+    created_at: datetime | None = None
+    last_activity: datetime | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state is SessionState.ACTIVE
+
+    def to_session(self) -> Session:
+        """The ``Session`` a manager should hold for this row (it must have been acknowledged)."""
+        if self.created_at is None or self.last_activity is None:
+            raise ValueError(f"session {self.session_id!r} was never acknowledged: its timestamps are unknown")
+        values = {name: getattr(self, name) for name in PREDICTED_FIELDS}
+        return Session(
+            session_id=self.session_id, created_at=self.created_at, last_activity=self.last_activity, **values
+        )
+
+
+def _normalise(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The given fields as a stored row holds them; None means "not given"."""
+    unknown = set(attrs) - _SETTABLE_FIELDS
+    if unknown:
+        raise TypeError(f"the model cannot set {sorted(unknown)}; settable: {sorted(_SETTABLE_FIELDS)}")
+    given = {name: value for name, value in attrs.items() if value is not None}
+    for name in ("data", "metadata"):
+        if name in given:
+            given[name] = copy.deepcopy(given[name])  # the caller's dict may change later; the row does not
+    if "user_type" in given:
+        given["user_type"] = UserType(given["user_type"])
+    if "state" in given:
+        given["state"] = SessionState(given["state"])
+    if "ip_address" in given:
+        given["ip_address"] = check_ip_address(given["ip_address"])  # "2001:DB8::1" is stored as "2001:db8::1"
+    if "expires_at" in given:
+        given["expires_at"] = given["expires_at"].astimezone(UTC)
+    return given
+
+
+class SessionModel:
+    """What a manager acknowledged, in plain Python: the contract a crash must not break.
+
+    ``rows`` holds every row ``public.sessions`` should have, by id, also those no longer
+    live (updated to state inactive or expired). The contract of ``SessionManager``:
+    ``ensure`` creates a session or returns the live one unchanged (over
+    ``max_concurrent_sessions`` live sessions it raises ``SessionLimitExceeded``);
+    ``update`` replaces the given fields; ``update_activity`` and a request count one
+    request and add its duration; ``remove`` deletes; calls on an id with no live session
+    raise ``SessionNotFound``. The model assumes nothing times out or expires during a run
+    (a long ``session_timeout_secs``, ``expires_at`` far ahead), so cleanup removes nothing.
+
+    Subclass it when your manager adds behaviour (see ``examples/test_stateful_crashes.py``).
+    """
+
+    def __init__(self, *, max_concurrent_sessions: int | None = None) -> None:
+        self.max_concurrent_sessions = max_concurrent_sessions
+        self.rows: dict[str, ModelSession] = {}
+
+    # queries
+
+    def live(self) -> dict[str, ModelSession]:
+        return {sid: row for sid, row in self.rows.items() if row.live}
+
+    def is_live(self, session_id: str) -> bool:
+        row = self.rows.get(session_id)
+        return row is not None and row.live
+
+    def _require_live(self, session_id: str) -> ModelSession:
+        row = self.rows.get(session_id)
+        if row is None or not row.live:
+            raise SessionNotFound(session_id)
+        return row
+
+    # operations, predicted
+
+    def ensure(self, session_id: str, **attrs: Any) -> ModelSession:
+        """The live session, unchanged; else a new one with ``attrs`` (replacing a dead row)."""
+        row = self.rows.get(session_id)
+        if row is not None and row.live:
+            return row
+        limit = self.max_concurrent_sessions
+        if limit is not None and len(self.live()) >= limit:
+            raise SessionLimitExceeded(limit)
+        row = ModelSession(session_id, **_normalise(attrs))
+        self.rows[session_id] = row
+        return row
+
+    def get(self, session_id: str) -> ModelSession | None:
+        row = self.rows.get(session_id)
+        return row if row is not None and row.live else None
+
+    def update(self, session_id: str, **changes: Any) -> ModelSession:
+        row = self._require_live(session_id)
+        for name, value in _normalise(changes).items():
+            setattr(row, name, value)
+        return row
+
+    def update_activity(self, session_id: str, duration_ms: int | None = None) -> ModelSession:
+        row = self._require_live(session_id)
+        row.request_count += 1
+        row.total_duration_ms += duration_ms or 0
+        return row
+
+    def request(self, session_id: str, duration_ms: int) -> ModelSession:
+        """A request counts as ``update_activity`` with the duration the manager measured."""
+        return self.update_activity(session_id, duration_ms)
+
+    def remove(self, session_id: str) -> None:
+        self.rows.pop(session_id, None)
+
+    def cleanup(self) -> int:
+        """How many sessions cleanup removes: none, since nothing times out during a run."""
+        return 0
+
+    # checks
+
+    def acknowledge(self, session: Session, *, touched: bool = True) -> None:
+        """Check a session the manager returned against the prediction; then take its timestamps.
+
+        ``touched=False`` for a call that wrote nothing (``ensure`` of a live session,
+        ``get``): its timestamps must not have moved at all.
+        """
+        session_id = session.session_id
+        row = self.rows.get(session_id)
+        if row is None:
+            raise AssertionError(f"session {session_id!r}: the manager returned it, the model has no such session")
+        problems = [
+            f"{name}: model={getattr(row, name)!r} manager={getattr(session, name)!r}"
+            for name in PREDICTED_FIELDS
+            if getattr(row, name) != getattr(session, name)
+        ]
+        if session.created_at > session.last_activity:
+            problems.append(f"created_at {session.created_at} is after last_activity {session.last_activity}")
+        if row.created_at is not None and row.last_activity is not None:
+            # The same session as acknowledged before: created_at stays, last_activity never goes back.
+            if session.created_at != row.created_at:
+                problems.append(f"created_at moved from {row.created_at} to {session.created_at}")
+            if touched and session.last_activity < row.last_activity:
+                problems.append(f"last_activity went back from {row.last_activity} to {session.last_activity}")
+            if not touched and session.last_activity != row.last_activity:
+                problems.append(
+                    f"last_activity moved from {row.last_activity} to {session.last_activity} "
+                    "though nothing was written"
+                )
+        if problems:
+            raise AssertionError(
+                f"session {session_id!r} as acknowledged differs from the model: " + "; ".join(problems)
+            )
+        row.created_at = session.created_at
+        row.last_activity = session.last_activity
+
+    def expected_sessions(self) -> dict[str, Session]:
+        """The live sessions a manager should hold (in memory, or after a recovery)."""
+        return {sid: row.to_session() for sid, row in self.live().items()}
+
+    def expected_rows(self) -> dict[str, Session]:
+        """Every row ``public.sessions`` should hold, live or not."""
+        return {sid: row.to_session() for sid, row in self.rows.items()}
+
+    def assert_sessions(self, actual: Mapping[str, Session], what: str) -> None:
+        """``actual`` (a manager's ``sessions()``) must equal the model's live sessions, field for field."""
+        _assert_same(self.expected_sessions(), actual, what)
+
+    def assert_rows(self, actual: Mapping[str, Session], what: str) -> None:
+        """``actual`` (from ``database_rows``) must equal the model's rows, field for field."""
+        _assert_same(self.expected_rows(), actual, what)
+
+
+def _assert_same(expected: Mapping[str, Session], actual: Mapping[str, Session], what: str) -> None:
+    diff = compare_snapshots(expected, actual)
+    if diff:
+        raise AssertionError(f"{what} differs from the model: {diff.summary()}\n" + "\n".join(diff.lines()))
+
+
+_ROWS_QUERY = (
+    "SELECT session_id, session_state AS state, user_id, user_type, host(ip_address) AS ip_address, user_agent,"
+    " session_data AS data, metadata, request_count, total_duration_ms, created_at,"
+    " last_activity_at AS last_activity, expires_at FROM public.sessions"
+)
+
+
+def database_rows(conn: psycopg.Connection[Any]) -> dict[str, Session]:
+    """Every row of ``public.sessions`` by id, fully validated, read on ``conn`` (autocommit).
+
+    A row that is not a valid session (a corrupt value) raises AssertionError naming it.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(_ROWS_QUERY).fetchall()
+    sessions: dict[str, Session] = {}
+    for row in rows:
+        try:
+            sessions[row["session_id"]] = Session.model_validate(row)
+        except ValidationError as error:
+            raise AssertionError(f"row {row['session_id']!r} of public.sessions is corrupt: {error}") from error
+    return sessions
+
+
+def terminate_backends(conn: psycopg.Connection[Any], application_name: str, *, timeout: float = 5.0) -> None:
+    """Terminate the backends of one store, as its process dying would, and wait until they are gone.
+
+    ``CrashHarness.abandon`` does this too, with ``pg_terminate_backend(pid, timeout)``; but the
+    server checks that wait only every 100 ms, which a run of thousands of crashes (shrinking
+    replays many) feels. Polled here every millisecond, the harness then finds nothing left.
+    """
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+    )
+    deadline = time.monotonic() + timeout
+    query = "SELECT 1 FROM pg_stat_activity WHERE application_name = %s LIMIT 1"
+    while conn.execute(query, (application_name,)).fetchone() is not None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the backends of {application_name!r} did not exit within {timeout:g}s")
+        time.sleep(0.001)
+
+
+# Strategies: small, valid, and quick to shrink.
+
+# Few ids, so that operations meet existing, removed and missing sessions alike.
+SESSION_IDS = ("s1", "s2", "ümlaut-ß", "x'); DROP TABLE sessions;--")
+FAR_FUTURE = datetime(2100, 1, 1, tzinfo=UTC)
+
+_text_chars = st.characters(codec="utf-8", exclude_characters="\x00")
+session_ids = st.sampled_from(SESSION_IDS)
+# What jsonb stores and gives back unchanged: no NUL, str keys, finite floats written
+# without an exponent (below 1e16), ints within the exact range of a double.
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(min_value=-1e15, max_value=1e15, allow_nan=False, allow_infinity=False)
+    | st.text(_text_chars, max_size=12)
+)
+json_keys = st.text(_text_chars, max_size=8)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(json_keys, children, max_size=3),
+    max_leaves=8,
+)
+json_objects = st.dictionaries(json_keys, json_values, max_size=4)
+user_ids = st.sampled_from(["u1", "u2", "'; DELETE FROM sessions; --"])
+user_types = st.sampled_from([t.value for t in UserType])
+ip_addresses = st.sampled_from(["203.0.113.7", "2001:DB8::1", "::ffff:192.0.2.1", "0.0.0.0"])
+user_agents = st.text(_text_chars, max_size=20)
+states = st.sampled_from([s.value for s in SessionState])
+durations = st.integers(min_value=0, max_value=10_000) | st.just(MAX_DURATION_MS)
+
+
+def _maybe(strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
+    return st.none() | strategy
+
+
+# What create (ensure) and update are called with; None means "not given".
+maybe_data = _maybe(json_objects)
+maybe_user_id = _maybe(user_ids)
+maybe_user_type = _maybe(user_types)
+maybe_ip_address = _maybe(ip_addresses)
+maybe_user_agent = _maybe(user_agents)
+maybe_expires_at = _maybe(st.just(FAR_FUTURE))
+
+
+async def _handle_request(manager: SessionManager, session_id: str) -> Session:
+    async with manager.request(session_id):
+        pass
+    return manager.sessions()[session_id]
+
+
+async def _wait_for_all(tasks: set[asyncio.Task[Any]]) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# The state machine
+
+
+class SessionCrashMachine(RuleBasedStateMachine):
+    """Random operations and crashes against a manager, checked against ``SessionModel``.
+
+    Configure a subclass with the class attributes below, or override the hooks
+    ``make_manager``, ``restart_manager``, ``make_model`` and ``reset_database``; run it
+    with ``run_crash_machine``. Each example starts from an empty ``public.sessions``.
+    Rules and hooks run on the main thread, in an event loop the machine owns, so the
+    database crash helpers (which block) can run there too.
+    """
+
+    # The manager under test: its class and options (defaults for the rest).
+    manager_class: ClassVar[type[SessionManager]] = SessionManager
+    manager_options: ClassVar[Mapping[str, Any]] = {}
+    model_class: ClassVar[type[SessionModel]] = SessionModel
+    # Also kill the database (needs the plugin's temporary server; skipped otherwise), at most
+    # this many times per example: each costs a server restart, and shrinking replays many.
+    database_crashes: ClassVar[bool] = True
+    max_database_crashes: ClassVar[int] = 2
+    # A run of modest size: well under a minute against the temporary server.
+    max_examples: ClassVar[int] = 20
+    stateful_step_count: ClassVar[int] = 15
+    # Set by run_crash_machine; or set them on a subclass and use its TestCase.
+    dsn: ClassVar[str | None] = None
+    server: ClassVar[PostgresServer | None] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        if self.dsn is None:
+            raise TypeError(f"{type(self).__name__}.dsn is not set: run it with run_crash_machine(cls, dsn, server)")
+        self.loop = asyncio.new_event_loop()
+        self.harness: CrashHarness | None = None
+        self._admin_conn: psycopg.Connection[Any] | None = None
+        self.database_crash_count = 0
+        try:
+            self.reset_database(self.admin())
+            self.harness = CrashHarness(self.dsn, self.server)
+            self.manager = self.run(self.make_manager())
+            self.model = self.make_model(self.manager)
+        except BaseException:
+            self._shut_down()
+            raise
+
+    @classmethod
+    def hypothesis_settings(cls) -> hypothesis.settings:
+        """The settings ``run_crash_machine`` uses unless given others (built from the active profile)."""
+        return hypothesis.settings(
+            max_examples=cls.max_examples,
+            stateful_step_count=cls.stateful_step_count,
+            deadline=None,
+            # One bug often fails in several places; shrink one failure, to the shortest sequence.
+            report_multiple_bugs=False,
+            # The explain phase reruns the shrunk example hundreds of times, each with its own
+            # database work, to say which lines only failing runs reached: not worth minutes here.
+            phases=[phase for phase in hypothesis.settings().phases if phase is not hypothesis.Phase.explain],
+        )
+
+    # hooks
+
+    def reset_database(self, conn: psycopg.Connection[Any]) -> None:
+        """Make each example start from nothing (extend it if your app keeps more tables)."""
+        # DELETE, not TRUNCATE: on a few rows it is several times faster, and shrinking runs many examples.
+        conn.execute("DELETE FROM public.sessions")
+
+    async def make_manager(self) -> SessionManager:
+        """A started manager on the machine's database (also used for fresh views after a crash)."""
+        assert self.harness is not None
+        return await self.harness.new_manager(self.manager_class, **self.manager_options)
+
+    async def restart_manager(self, manager: SessionManager) -> SessionManager:
+        """Crash ``manager`` as a killed process would and recover in a new one."""
+        assert self.harness is not None
+        return await self.harness.crash_and_restart(manager)
+
+    def make_model(self, manager: SessionManager) -> SessionModel:
+        if manager.session_timeout_secs < MIN_SESSION_TIMEOUT_SECS:
+            raise ValueError(
+                f"session_timeout_secs={manager.session_timeout_secs} is too short for the model, which assumes "
+                f"nothing times out during a run; use at least {MIN_SESSION_TIMEOUT_SECS}"
+            )
+        return self.model_class(max_concurrent_sessions=manager.max_concurrent_sessions)
+
+    # plumbing
+
+    def admin(self) -> psycopg.Connection[Any]:
+        """The machine's own autocommit connection (resets, checks), reopened after a database crash."""
+        conn = self._admin_conn
+        if conn is None or conn.closed:
+            conn = self._admin_conn = psycopg.connect(self.dsn or "", autocommit=True)
+        return conn
+
+    def run(self, awaitable: Awaitable[T]) -> T:
+        """Run a coroutine of the manager to completion in the machine's event loop."""
+
+        async def wrapped() -> T:
+            return await awaitable
+
+        return self.loop.run_until_complete(wrapped())
+
+    def _expect_error(self, error: Exception, awaitable: Awaitable[Any], call: str) -> None:
+        """The model predicted ``error``: the manager must raise the same kind, having written nothing."""
+        try:
+            result = self.run(awaitable)
+        except type(error):
+            return
+        raise AssertionError(f"{call}: the model predicted {type(error).__name__}, the manager returned {result!r}")
+
+    def teardown(self) -> None:
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        loop = self.loop
+        if self._admin_conn is not None:
+            self._admin_conn.close()
+        try:
+            if self.harness is not None:
+                loop.run_until_complete(self.harness.aclose())
+        finally:
+            # What a crash abandoned (pool workers, cancelled tasks) finishes here, not in a closed loop.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(_wait_for_all(pending))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def check_database(self, what: str) -> None:
+        self.model.assert_rows(database_rows(self.admin()), f"public.sessions {what}")
+
+    # operations
+
+    @initialize(
+        session_id=session_ids,
+        data=maybe_data,
+        metadata=maybe_data,
+        user_id=maybe_user_id,
+        user_type=maybe_user_type,
+        ip_address=maybe_ip_address,
+        user_agent=maybe_user_agent,
+        expires_at=maybe_expires_at,
+    )
+    def first_session(self, session_id: str, **attrs: Any) -> None:
+        """Every example starts with a session, so that most operations find one."""
+        self.create(session_id, **attrs)
+
+    @rule(
+        session_id=session_ids,
+        data=maybe_data,
+        metadata=maybe_data,
+        user_id=maybe_user_id,
+        user_type=maybe_user_type,
+        ip_address=maybe_ip_address,
+        user_agent=maybe_user_agent,
+        expires_at=maybe_expires_at,
+    )
+    def create(self, session_id: str, **attrs: Any) -> None:
+        attrs = {name: value for name, value in attrs.items() if value is not None}
+        existed = self.model.is_live(session_id)
+        try:
+            self.model.ensure(session_id, **attrs)
+        except SessionLimitExceeded as error:
+            self._expect_error(error, self.manager.ensure(session_id, **attrs), f"ensure({session_id!r})")
+            return
+        self.model.acknowledge(self.run(self.manager.ensure(session_id, **attrs)), touched=not existed)
+
+    @rule(session_id=session_ids)
+    def get(self, session_id: str) -> None:
+        session = self.run(self.manager.get(session_id))
+        if self.model.get(session_id) is None:
+            assert session is None, (
+                f"get({session_id!r}): the model has no live session, the manager returned {session!r}"
+            )
+            return
+        assert session is not None, f"get({session_id!r}): the manager lost the live session"
+        self.model.acknowledge(session, touched=False)
+
+    @rule(session_id=session_ids, duration_ms=_maybe(durations))
+    def update_activity(self, session_id: str, duration_ms: int | None) -> None:
+        try:
+            self.model.update_activity(session_id, duration_ms)
+        except SessionNotFound as error:
+            call = self.manager.update_activity(session_id, request_duration_ms=duration_ms)
+            self._expect_error(error, call, f"update_activity({session_id!r})")
+            return
+        self.model.acknowledge(self.run(self.manager.update_activity(session_id, request_duration_ms=duration_ms)))
+
+    @rule(
+        session_id=session_ids,
+        data=maybe_data,
+        metadata=maybe_data,
+        user_id=maybe_user_id,
+        user_type=maybe_user_type,
+        ip_address=maybe_ip_address,
+        user_agent=maybe_user_agent,
+        expires_at=maybe_expires_at,
+        state=_maybe(states),
+    )
+    def update(self, session_id: str, **changes: Any) -> None:
+        try:
+            self.model.update(session_id, **changes)
+        except SessionNotFound as error:
+            self._expect_error(error, self.manager.update(session_id, **changes), f"update({session_id!r})")
+            return
+        self.model.acknowledge(self.run(self.manager.update(session_id, **changes)))
+
+    @rule(session_id=session_ids)
+    def remove(self, session_id: str) -> None:
+        self.run(self.manager.remove(session_id))
+        self.model.remove(session_id)
+
+    @rule(session_id=session_ids)
+    def request(self, session_id: str) -> None:
+        before = self.model.get(session_id)
+        if before is None:
+            call = _handle_request(self.manager, session_id)
+            self._expect_error(SessionNotFound(session_id), call, f"request({session_id!r})")
+            return
+        counted_before = before.total_duration_ms
+        started = time.monotonic()
+        session = self.run(_handle_request(self.manager, session_id))
+        elapsed_ms = (time.monotonic() - started) * 1000
+        # The manager measures the duration itself: take it from the acknowledgement, within reason.
+        duration = session.total_duration_ms - counted_before
+        assert 0 <= duration <= elapsed_ms + 1, (
+            f"request({session_id!r}) added {duration} ms to total_duration_ms, but took {elapsed_ms:.1f} ms"
+        )
+        self.model.request(session_id, duration)
+        self.model.acknowledge(session)
+
+    @rule()
+    def cleanup(self) -> None:
+        removed = self.run(self.manager.cleanup_stale_sessions())
+        assert removed == self.model.cleanup(), f"cleanup removed {removed} sessions; the model expected none"
+
+    # crashes
+
+    @rule()
+    def crash_and_restart(self) -> None:
+        if self.manager.store is not None:
+            terminate_backends(self.admin(), self.manager.store.application_name)
+        self.manager = self.run(self.restart_manager(self.manager))
+        self.model.assert_sessions(self.manager.sessions(), "the recovered manager after crash_and_restart")
+        self.check_database("after crash_and_restart")
+
+    def _can_crash_database(self) -> bool:
+        return (
+            self.database_crashes
+            and isinstance(self.server, TemporaryPostgres)
+            and self.database_crash_count < self.max_database_crashes
+        )
+
+    @precondition(_can_crash_database)
+    @rule(mode=st.sampled_from(["kill", "immediate"]))
+    def crash_database(self, mode: Literal["kill", "immediate"]) -> None:
+        assert self.harness is not None
+        self.database_crash_count += 1
+        self.harness.crash_database(mode)
+        if self._admin_conn is not None:
+            self._admin_conn.close()  # it died with the server
+        what = f"after a database crash ({mode}) and restart"
+        self.check_database(what)
+        # The running manager keeps what was committed; it reconnects on its next call.
+        self.model.assert_sessions(self.manager.sessions(), f"the running manager {what}")
+        fresh = self.run(self.make_manager())
+        try:
+            self.model.assert_sessions(fresh.sessions(), f"a new manager's recovery {what}")
+        finally:
+            self.run(fresh.aclose())
+
+    @invariant()
+    def memory_matches_the_model(self) -> None:
+        self.model.assert_sessions(self.manager.sessions(), "the manager's sessions in memory")
+
+
+def run_crash_machine(
+    machine_class: type[SessionCrashMachine],
+    dsn: str,
+    server: PostgresServer | None = None,
+    *,
+    settings: hypothesis.settings | None = None,
+) -> None:
+    """Run ``machine_class`` on the database ``dsn`` (e.g. the ``exai_dsn`` fixture).
+
+    ``server`` (the ``exai_pg_server`` fixture) enables the database crashes when it is the
+    plugin's temporary server. ``settings`` default to ``machine_class.hypothesis_settings()``.
+    Call it from a synchronous test: the machine runs its own event loop. A failure raises
+    the error with the shrunk sequence of steps that caused it.
+    """
+    # A subclass bound to the database, under the same name, so that Hypothesis prints
+    # "state = MyCrashMachine()" and keeps its examples apart from other machines'.
+    bound = type(
+        machine_class.__name__,
+        (machine_class,),
+        {
+            "__module__": machine_class.__module__,
+            "__qualname__": machine_class.__qualname__,
+            "__doc__": machine_class.__doc__,
+            "dsn": dsn,
+            "server": server,
+        },
+    )
+    run_state_machine_as_test(
+        cast("type[SessionCrashMachine]", bound), settings=settings or machine_class.hypothesis_settings()
+    )
