@@ -70,6 +70,15 @@ OPTIONS = (
         shown_default="none beyond fsync=off, full_page_writes=off, max_connections=200",
     ),
     Option("exai_pg_startup_timeout", "seconds to wait for the temporary server to accept connections", default="30"),
+    Option(
+        "exai_reuse",
+        "keep the initialised cluster with the template between runs in the base directory; rebuilt by itself "
+        "when PostgreSQL, the settings or any migration change",
+        env="EXAI_SESSIONS_REUSE",
+        kind="bool",
+        default=False,
+        shown_default="off: a new cluster every run",
+    ),
 )
 
 
@@ -83,6 +92,7 @@ class ExaiConfig:
     pg_port: int | None = None
     pg_settings: dict[str, str] = field(default_factory=dict)
     pg_startup_timeout: float = 30.0
+    reuse: bool = False
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -143,4 +153,17 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
             **_settings(list(raw["exai_pg_settings"] or [])),
         },
         pg_startup_timeout=_number("--exai-pg-startup-timeout", raw["exai_pg_startup_timeout"], float),
+        reuse=_flag("EXAI_SESSIONS_REUSE", raw["exai_reuse"]),
     )
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A bool option; from the environment, only the usual spellings count."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise pytest.UsageError(f"{name} expects 1/0, true/false, yes/no or on/off, got {value!r}")

@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from .schema import apply_to_dsn
+from .schema import Migration, apply_to_dsn
 from .server.connection import PostgresServer
 
 
@@ -70,11 +70,13 @@ class TestDatabases:
 
     __test__ = False  # not a test class, whatever its name says to pytest
 
-    def __init__(self, server: PostgresServer, *, prefix: str | None = None) -> None:
+    def __init__(self, server: PostgresServer, *, prefix: str | None = None, template: str | None = None) -> None:
+        """``template``: a template database that already exists (a cached cluster's); kept, not dropped."""
         self.server = server
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         self.prefix = prefix or "_".join(filter(None, ["exai", worker, secrets.token_hex(3)]))
-        self.template = f"{self.prefix}_template"
+        self.template = template or f"{self.prefix}_template"
+        self.template_exists = template is not None
         self._numbers = itertools.count(1)
         self._admin: psycopg.Connection[Any] | None = None
 
@@ -110,18 +112,21 @@ class TestDatabases:
             connection_timeout=10,
         )
 
-    def create_template(self) -> None:
-        """Create the template and apply every migration to it, once per server."""
+    def create_template(self, migrations: list[Migration] | None = None) -> None:
+        """Create the template and apply every migration to it, once per server (not if it exists)."""
+        if self.template_exists:
+            return
         janitor = self._janitor(self.template, as_template=True)
         janitor.init()
         try:
-            apply_to_dsn(self.server.dsn(self.template))
+            apply_to_dsn(self.server.dsn(self.template), migrations)
         except BaseException:
             janitor.drop()
             raise
 
     def drop_template(self) -> None:
-        self._janitor(self.template, as_template=True).drop()
+        if not self.template_exists:
+            self._janitor(self.template, as_template=True).drop()
         self.close()
 
     def create_clone(self) -> str:

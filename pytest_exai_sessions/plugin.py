@@ -34,6 +34,7 @@ from .server import (
     server_os_user,
 )
 from .server.binaries import is_embedded, server_version
+from .server.cache import CACHED_PREFIX, CACHED_TEMPLATE, ClusterCache
 from .server.cluster import is_tmpfs, sweep_stale_clusters
 from .store import SessionStore
 
@@ -184,16 +185,23 @@ def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
         yield external
         return
     try:
-        server = TemporaryPostgres(
-            find_bindir(exai_config.pg_bin),
-            basedir=exai_config.pg_basedir,
-            os_user=server_os_user(exai_config.pg_os_user),
-            listen_tcp=exai_config.pg_tcp,
-            port=exai_config.pg_port,
-            settings=exai_config.pg_settings,
-            startup_timeout=exai_config.pg_startup_timeout,
-        )
-        server.start()
+        bindir, os_user = find_bindir(exai_config.pg_bin), server_os_user(exai_config.pg_os_user)
+
+        def make_server() -> TemporaryPostgres:
+            return TemporaryPostgres(
+                bindir,
+                basedir=exai_config.pg_basedir,
+                os_user=os_user,
+                listen_tcp=exai_config.pg_tcp,
+                port=exai_config.pg_port,
+                settings=exai_config.pg_settings,
+                startup_timeout=exai_config.pg_startup_timeout,
+            )
+
+        if exai_config.reuse:
+            server = ClusterCache(make_server().basedir, load_migrations()).start(make_server, _build_cached_template)
+        else:
+            server = make_server().start()
     except ExaiSessionsError as error:
         failure = f"{type(error).__name__}: {error}"
     if failure is not None:
@@ -204,10 +212,15 @@ def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
         server.stop()
 
 
+def _build_cached_template(server: TemporaryPostgres) -> None:
+    TestDatabases(server, prefix=CACHED_PREFIX).create_template()
+
+
 @pytest.fixture(scope="session")
-def exai_databases(exai_pg_server: PostgresServer) -> Iterator[TestDatabases]:
+def exai_databases(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> Iterator[TestDatabases]:
     """The template database with the unified schema (built once) and the factory of per-test clones."""
-    databases = TestDatabases(exai_pg_server)
+    cached = exai_config.reuse and not exai_pg_server.external
+    databases = TestDatabases(exai_pg_server, template=CACHED_TEMPLATE if cached else None)
     failure: str | None = None
     try:
         databases.create_template()

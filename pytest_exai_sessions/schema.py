@@ -177,7 +177,7 @@ def _explain(error: psycopg.Error, script: str) -> str:
     return "; ".join(parts)
 
 
-def apply_to_dsn(dsn: str) -> list[Migration]:
-    """Connect to ``dsn``, apply pending migrations, disconnect."""
+def apply_to_dsn(dsn: str, migrations: list[Migration] | None = None) -> list[Migration]:
+    """Connect to ``dsn``, apply pending migrations (default: the packaged ones), disconnect."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return apply_migrations(conn)
+        return apply_migrations(conn, migrations)

@@ -56,6 +56,7 @@ FLAGS = (
     "--exai-pg-port",
     "--exai-pg-setting",
     "--exai-pg-startup-timeout",
+    "--exai-reuse",
 )
 # A DSN that fails at once if anything uses it: no server has a socket there.
 UNUSABLE_DSN = "host=/nonexistent/exai-socket-dir port=1 user=nobody dbname=nowhere"

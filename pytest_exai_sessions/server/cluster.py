@@ -273,8 +273,11 @@ class TemporaryPostgres:
 
     # lifecycle
 
-    def start(self) -> Self:
-        """Create the cluster and start the postmaster; wait until it accepts connections."""
+    def start(self, seed: Path | None = None) -> Self:
+        """Create the cluster and start the postmaster; wait until it accepts connections.
+
+        ``seed``: a stopped data directory to copy instead of running initdb (a cached cluster).
+        """
         sweep_stale_clusters(self.basedir)
         self.root = Path(tempfile.mkdtemp(prefix=CLUSTER_PREFIX, dir=self.basedir))
         try:
@@ -289,12 +292,29 @@ class TemporaryPostgres:
                 os.chown(self.root, self.os_user.uid, self.os_user.gid)
                 if self.embedded:
                     self.bindir = self._copy_embedded()
-            self._initdb()
+            if seed is None:
+                self._initdb()
+            else:
+                self._copy_data_directory(seed)
             self._launch()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _copy_data_directory(self, seed: Path) -> None:
+        # Copied by the server's user, so the copy is theirs with the modes PostgreSQL demands.
+        command = ["cp", "-a", str(seed), str(self.datadir)]
+        with open(self.log_path, "ab") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._as_server_user())
+        if result.returncode != 0:
+            raise ServerStartError(f"copying the cached cluster {seed} failed:\n{self.log_tail()}")
+
+    def stop_and_keep_data(self, target: Path) -> None:
+        """Shut down cleanly and move the data directory to ``target`` (to cache it), then clean up."""
+        self.kill(signal.SIGINT)
+        self.datadir.rename(target)
+        self.stop()
 
     def _copy_embedded(self) -> Path:
         """A copy of the embedded binaries the server's OS user can read, inside the cluster directory.

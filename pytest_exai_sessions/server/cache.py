@@ -1,0 +1,112 @@
+"""A cluster with the template database kept between pytest runs (``--exai-reuse``).
+
+Unlike pytest-django's ``--reuse-db``, the cache is keyed by everything that shapes it:
+the PostgreSQL version and binaries, the server settings and user, and the checksum of
+every migration. A changed migration gives a new key, so the cache is rebuilt by itself.
+Each run starts from a copy, never from the cache itself, so concurrent runs and xdist
+workers cannot corrupt it; building and copying happen under one file lock. A cache that
+is incomplete (a build that died half-way) or does not start is removed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..schema import Migration
+from .cluster import ServerStartError, TemporaryPostgres
+
+CACHE_PREFIX = "exai-cache-"
+CACHED_PREFIX = "exai_cached"
+CACHED_TEMPLATE = f"{CACHED_PREFIX}_template"  # what TestDatabases(prefix=CACHED_PREFIX) names its template
+_FORMAT = 1  # bump when the layout of a cache changes
+
+
+def cache_key(server: TemporaryPostgres, migrations: list[Migration]) -> str:
+    parts = {
+        "format": _FORMAT,
+        "version": server.version,
+        "bindir": str(server.bindir),
+        "settings": sorted(server.settings.items()),
+        "os_user": server.os_user.name if server.os_user else None,
+        "superuser": server.user,
+        "migrations": [(m.version, m.checksum) for m in migrations],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@contextmanager
+def _locked(basedir: Path) -> Iterator[None]:
+    with open(basedir / f"{CACHE_PREFIX}lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class ClusterCache:
+    """One cached cluster per base directory; a new configuration replaces the old one."""
+
+    def __init__(self, basedir: Path, migrations: list[Migration]) -> None:
+        self.basedir = basedir
+        self.migrations = migrations
+
+    def _directory(self, key: str) -> Path:
+        return self.basedir / f"{CACHE_PREFIX}{key}"
+
+    def _is_complete(self, directory: Path, key: str) -> bool:
+        try:
+            ready = json.loads((directory / "ready.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return ready.get("key") == key and (directory / "data" / "PG_VERSION").is_file()
+
+    def start(
+        self, make_server: Callable[[], TemporaryPostgres], build_template: Callable[[TemporaryPostgres], None]
+    ) -> TemporaryPostgres:
+        """A started server whose cluster already holds ``CACHED_TEMPLATE``, from the cache if it is valid."""
+        with _locked(self.basedir):
+            server = make_server()
+            key = cache_key(server, self.migrations)
+            directory = self._directory(key)
+            if not self._is_complete(directory, key):
+                self._rebuild(make_server, build_template, key)
+            try:
+                return server.start(seed=directory / "data")
+            except ServerStartError:
+                # Broken in a way the marker cannot show: build it again, once.
+                self._rebuild(make_server, build_template, key)
+                return make_server().start(seed=directory / "data")
+
+    def _rebuild(
+        self,
+        make_server: Callable[[], TemporaryPostgres],
+        build_template: Callable[[TemporaryPostgres], None],
+        key: str,
+    ) -> None:
+        for old in self.basedir.glob(f"{CACHE_PREFIX}*"):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+        building = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}building-", dir=self.basedir))
+        try:
+            server = make_server().start()
+            try:
+                build_template(server)
+            except BaseException:
+                server.stop()
+                raise
+            if server.os_user is not None:
+                os.chown(building, server.os_user.uid, server.os_user.gid)  # ours: it may enter to copy
+            server.stop_and_keep_data(building / "data")
+            (building / "ready.json").write_text(json.dumps({"key": key, "template": CACHED_TEMPLATE}))
+            building.rename(self._directory(key))  # complete or absent, never half-built
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
