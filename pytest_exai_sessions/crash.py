@@ -234,8 +234,9 @@ async def _drive(
     transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
     )
-    started = time.monotonic()
-    deadline = started + (kill_after_secs if kill_after_secs is not None else timeout)
+    # Until the child is ready only the overall timeout applies; kill_after_secs counts from then.
+    deadline = time.monotonic() + timeout
+    ready = False
     killed_at: str | None = None
     try:
         while killed_at is None:
@@ -243,7 +244,7 @@ async def _drive(
             try:
                 line = await asyncio.wait_for(reader.readline(), timeout=max(remaining, 0))
             except TimeoutError:
-                if kill_after_secs is None:
+                if kill_after_secs is None or not ready:
                     raise TimeoutError(f"the workload reached no kill point within {timeout}s") from None
                 killed_at = f"after {kill_after_secs}s"
                 break
@@ -253,6 +254,11 @@ async def _drive(
                 await child.wait()
                 return None
             record = json.loads(line)
+            if record["t"] == "ready":
+                ready = True
+                if kill_after_secs is not None:
+                    deadline = time.monotonic() + kill_after_secs
+                continue
             book.add(record)
             if kill_after_acks is not None and book.acknowledged >= kill_after_acks:
                 killed_at = f"after {book.acknowledged} acknowledged writes"

@@ -103,6 +103,7 @@ class LedgerBook:
             self.fault_points.append(record["name"])
         elif kind == "done":
             self.finished = True
+        # "ready" (the child started its workload) only matters to the process driving it.
 
     @property
     def in_flight(self) -> int:

@@ -154,6 +154,9 @@ async def _run(spec: dict[str, Any], ledger: Ledger) -> None:
     store = await SessionStore.open(spec["dsn"])
     manager = manager_class(store, close_store=True, **spec["options"])
     await manager.start()
+    # The parent's kill_after_secs counts from here: starting Python and importing takes
+    # a varying part of a second that says nothing about the workload.
+    ledger.write({"t": "ready"})
     await workload(WorkloadContext(manager, ledger, spec["params"], spec["dsn"]))
     ledger.write({"t": "done"})
     await manager.aclose()
