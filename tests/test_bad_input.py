@@ -5,7 +5,8 @@ connection) and in memory only (sessions compared before and after).
 """
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -41,10 +42,13 @@ BAD_INPUTS = [
     case("empty id to get", lambda m: m.get(""), "empty or blank"),
     case("empty id to update", lambda m: m.update("", data={}), "empty or blank"),
     case("blank id to update_activity", lambda m: m.update_activity("  "), "empty or blank"),
+    case("unicode blank id", lambda m: m.ensure("\u3000\u2003\u00a0"), "empty or blank"),
     case("empty id to remove", lambda m: m.remove(""), "empty or blank"),
     case("256-char id", lambda m: m.ensure("x" * 256), "256 characters long"),
     case("256-char id to update", lambda m: m.update("x" * 256, data={}), "256 characters long"),
     case("256-char id to get", lambda m: m.get("x" * 256), "256 characters long"),
+    case("256 two-byte chars in id", lambda m: m.ensure("é" * 256), "256 characters long"),
+    case("SQL in an over-long id", lambda m: m.ensure("x'); DROP TABLE sessions;--" * 10), "270 characters long"),
     case("NUL in id", lambda m: m.ensure("a\x00b"), "control character '\\\\x00'"),
     case("newline in id", lambda m: m.ensure("line\nbreak"), "control character '\\\\n'"),
     case("bell in id", lambda m: m.ensure("bell\x07"), "control character '\\\\x07'"),
@@ -62,6 +66,9 @@ BAD_INPUTS = [
     case("bytes", lambda m: m.update(EXISTING, data={"blob": b"raw"}), "bytes at \\$.blob is not JSON"),
     case("tuple", lambda m: m.ensure(data={"pair": (1, 2)}), "tuple at \\$.pair is not JSON"),
     case("datetime", lambda m: m.ensure(data={"when": datetime.now(UTC)}), "datetime at \\$.when"),
+    case("date in update", lambda m: m.update(EXISTING, data={"day": date(2030, 1, 1)}), "date at \\$.day"),
+    case("Decimal", lambda m: m.ensure(metadata={"price": Decimal("1.10")}), "Decimal at \\$.price"),
+    case("bytes in a list", lambda m: m.ensure(data={"parts": ["a", b"b"]}), "bytes at \\$.parts\\[1\\]"),
     case("object", lambda m: m.ensure(metadata={"x": object()}), "object at \\$.x is not JSON"),
     case("int key", lambda m: m.ensure(data={1: "one"}), "valid string"),
     case("bytes key", lambda m: m.ensure(metadata={b"k": 1}), "valid string"),
@@ -74,6 +81,18 @@ BAD_INPUTS = [
         lambda m: m.update(EXISTING, data={"x": "a" * MAX_JSON_BYTES}),
         f"at most {MAX_JSON_BYTES} are allowed",
     ),
+    case(
+        "multi-megabyte data",
+        lambda m: m.ensure(data={"blob": "a" * (5 * MAX_JSON_BYTES)}),
+        f"JSON payload is {5 * MAX_JSON_BYTES + 11} bytes; at most {MAX_JSON_BYTES}",
+    ),
+    case(
+        "multi-megabyte metadata in update",
+        lambda m: m.update(EXISTING, metadata={f"key-{n}": n for n in range(300_000)}),
+        f"at most {MAX_JSON_BYTES} are allowed",
+    ),
+    # Measured on the JSON text the store sends, where "é" is written "\\u00e9": 6 bytes.
+    case("over the limit as sent", lambda m: m.ensure(data={"x": "é" * 200_000}), "JSON payload is 1200008 bytes"),
     case("float jsonb would change", lambda m: m.ensure(data={"x": 1e25}), "would come back"),
     case("list instead of object", lambda m: m.ensure(data=[1, 2]), "valid dictionary"),
     case("bad data for an existing session", lambda m: m.ensure(EXISTING, data={"x": {1}}), "set at"),
@@ -84,15 +103,20 @@ BAD_INPUTS = [
     case("float duration", lambda m: m.update_activity(EXISTING, 1.5), "must be an int"),
     case("bool duration", lambda m: m.update_activity(EXISTING, True), "must be an int"),
     case("str duration", lambda m: m.update_activity(EXISTING, "10"), "must be an int"),
+    case("NaN duration", lambda m: m.update_activity(EXISTING, math.nan), "must be an int"),
+    case("year-long duration", lambda m: m.update_activity(EXISTING, 365 * 24 * 3600 * 1000), "implausible"),
     # addresses
     case("IPv4 out of range", lambda m: m.ensure(ip_address="999.1.1.1"), "not an IPv4 or IPv6"),
     case("host name as IP", lambda m: m.ensure(ip_address="localhost"), "not an IPv4 or IPv6"),
     case("network as IP", lambda m: m.update(EXISTING, ip_address="192.0.2.0/24"), "not an IPv4 or IPv6"),
     case("IPv6 zone", lambda m: m.ensure(ip_address="fe80::1%eth0"), "zone"),
     case("empty IP", lambda m: m.ensure(ip_address=""), "not an IPv4 or IPv6"),
+    case("IPv4 with leading zeros", lambda m: m.ensure(ip_address="010.0.0.1"), "not an IPv4 or IPv6"),
+    case("IPv6 with too many groups", lambda m: m.update(EXISTING, ip_address="1:2:3:4:5:6:7:8:9"), "not an IPv4"),
     # user types and other fields
     case("unknown user type", lambda m: m.ensure(user_type="robot"), "user_type"),
     case("unknown user type in update", lambda m: m.update(EXISTING, user_type="admin"), "user_type"),
+    case("user type in the wrong case", lambda m: m.ensure(user_type="Human"), "user_type"),
     case("unknown state in update", lambda m: m.update(EXISTING, state="deleted"), "state"),
     case("NUL in user_id", lambda m: m.ensure(user_id="a\x00"), "NUL"),
     case("NUL in user_agent", lambda m: m.update(EXISTING, user_agent="x\x00"), "NUL"),
