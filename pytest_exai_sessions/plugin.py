@@ -335,3 +335,25 @@ def exai_as_role() -> Callable[..., ActingAs]:
 def exai_as_service_role() -> Callable[..., ActingAs]:
     """``async with exai_as_service_role(conn):`` act as service_role, which bypasses row-level security."""
     return as_service_role
+
+
+@pytest.fixture(scope="session")
+def exai_shared_dsn(exai_databases: TestDatabases) -> Iterator[str]:
+    """DSN of one database with the schema shared by every test of the run (for exai_rollback_conn)."""
+    dbname = exai_databases.create_clone()
+    try:
+        yield exai_databases.server.dsn(dbname)
+    finally:
+        exai_databases.drop(dbname)
+
+
+@pytest_asyncio.fixture
+async def exai_rollback_conn(exai_shared_dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection inside a transaction rolled back after the test: no clone, no commit, one connection."""
+    # Opt-in speed for tests that only read and write through this one connection: what they
+    # write is never committed, so no other connection (no manager, no pool) can see it.
+    async with await psycopg.AsyncConnection.connect(exai_shared_dsn) as conn:
+        try:
+            yield conn  # psycopg has opened a transaction with the first statement
+        finally:
+            await conn.rollback()

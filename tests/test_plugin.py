@@ -46,6 +46,8 @@ FIXTURES = (
     "exai_as_user",
     "exai_as_role",
     "exai_as_service_role",
+    "exai_shared_dsn",
+    "exai_rollback_conn",
 )
 FLAGS = (
     "--exai-dsn",

@@ -52,6 +52,8 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
     # clone, several times faster. Commits are still logged, so crash recovery is unchanged.
     "wal_level": "minimal",
     "max_wal_senders": "0",
+    # Test databases live for one test: vacuuming them only takes a core from the tests.
+    "autovacuum": "off",
 }
 # The kernel hands out client ports from 32768 up; a server port there can be taken
 # by any outgoing connection, so pick below it.
