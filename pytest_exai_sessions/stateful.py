@@ -374,7 +374,8 @@ class SessionCrashMachine(RuleBasedStateMachine):
     ``make_manager``, ``restart_manager``, ``make_model`` and ``reset_database``; run it
     with ``run_crash_machine``. Each example starts from an empty ``public.sessions``.
     Rules and hooks run on the main thread, in an event loop the machine owns, so the
-    database crash helpers (which block) can run there too.
+    database crash helpers (which block) can run there too. A subclass may add rules of its
+    own (``@rule()``); overriding a rule method without the decorator removes that rule.
     """
 
     # The manager under test: its class and options (defaults for the rest).
@@ -453,7 +454,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
     def admin(self) -> psycopg.Connection[Any]:
         """The machine's own autocommit connection (resets, checks), reopened after a database crash."""
         conn = self._admin_conn
-        if conn is None or conn.closed:
+        if conn is None or conn.closed or conn.broken:
             conn = self._admin_conn = psycopg.connect(self.dsn or "", autocommit=True)
         return conn
 
@@ -466,7 +467,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(wrapped())
 
     def _expect_error(self, error: Exception, awaitable: Awaitable[Any], call: str) -> None:
-        """The model predicted ``error``: the manager must raise the same kind, having written nothing."""
+        """The model predicted ``error``: the manager must raise the same kind (memory is checked after the step)."""
         try:
             result = self.run(awaitable)
         except type(error):
