@@ -1,6 +1,7 @@
 import secrets
 
 import pytest
+from pg_leftovers import private_basedir
 
 from pytest_exai_sessions.databases import ForcefulJanitor
 
@@ -30,3 +31,9 @@ def persistence(request):
     if request.param == "postgres":
         return request.getfixturevalue("session_manager_factory")
     return None
+
+
+@pytest.fixture
+def basedir():
+    """A directory of this test's own for clusters, so "nothing left" can be checked exactly."""
+    yield from private_basedir()

@@ -7,17 +7,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pg_leftovers import private_basedir
 
 from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.schema import load_migrations, migrations_dir
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cache import CACHE_PREFIX, CACHED_PREFIX, CACHED_TEMPLATE, ClusterCache
-
-
-@pytest.fixture
-def basedir():
-    yield from private_basedir()
 
 
 def caches(basedir):

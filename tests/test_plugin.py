@@ -17,13 +17,12 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from pg_leftovers import Leftovers, Proc, private_basedir, wait_until_gone
+from pg_leftovers import Leftovers, Proc, wait_until_gone
 
 from pytest_exai_sessions.config import OPTIONS, ExaiConfig
 from pytest_exai_sessions.schema import load_migrations
@@ -105,11 +104,6 @@ def plugin_environment(exai_config: ExaiConfig, monkeypatch: pytest.MonkeyPatch)
     for option in OPTIONS:
         if option.env:
             monkeypatch.delenv(option.env, raising=False)
-
-
-@pytest.fixture
-def basedir() -> Iterator[Path]:
-    yield from private_basedir()
 
 
 def facts(pytester: pytest.Pytester) -> list[dict[str, Any]]:

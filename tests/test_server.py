@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from pg_leftovers import Leftovers, descendants, private_basedir, read_proc, wait_until_gone
+from pg_leftovers import Leftovers, descendants, read_proc, wait_until_gone
 
 from pytest_exai_sessions.config import ExaiConfig
 from pytest_exai_sessions.server import (
@@ -43,12 +42,6 @@ AS_ROOT = os.geteuid() == 0
 def bindir(exai_config: ExaiConfig) -> Path:
     """The binaries the run uses: with EXAI_SESSIONS_PG_BIN=embedded (tox -e pg18) these tests run on PostgreSQL 18."""
     return find_bindir(exai_config.pg_bin)
-
-
-@pytest.fixture
-def basedir() -> Iterator[Path]:
-    """A directory of this test's own for clusters, so "nothing left" can be checked exactly."""
-    yield from private_basedir()
 
 
 def server_uid() -> int:

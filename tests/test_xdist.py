@@ -7,13 +7,12 @@ database writes one JSON line of facts (worker, cluster directory, database, pos
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from pg_leftovers import Leftovers, private_basedir, read_proc, wait_until_gone
+from pg_leftovers import Leftovers, read_proc, wait_until_gone
 
 from pytest_exai_sessions.config import OPTIONS
 from pytest_exai_sessions.server import PostgresServer
@@ -68,11 +67,6 @@ def no_plugin_environment(exai_config: Any, monkeypatch: pytest.MonkeyPatch) -> 
     for option in OPTIONS:
         if option.env:
             monkeypatch.delenv(option.env, raising=False)
-
-
-@pytest.fixture
-def basedir() -> Iterator[Path]:
-    yield from private_basedir()
 
 
 def facts(pytester: pytest.Pytester) -> list[dict[str, Any]]:
