@@ -298,11 +298,10 @@ def terminate_backends(conn: psycopg.Connection[Any], application_name: str, *, 
     server checks that wait only every 100 ms, which a run of thousands of crashes (shrinking
     replays many) feels. Polled here every millisecond, the harness then finds nothing left.
     """
-    conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (application_name,)
-    )
     deadline = time.monotonic() + timeout
-    query = "SELECT 1 FROM pg_stat_activity WHERE application_name = %s LIMIT 1"
+    # Terminated again on every round: a connection the pool was opening when the first round
+    # ran shows up only afterwards, and would otherwise wait here for the whole timeout.
+    query = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
     while conn.execute(query, (application_name,)).fetchone() is not None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the backends of {application_name!r} did not exit within {timeout:g}s")
