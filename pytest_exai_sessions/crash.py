@@ -81,12 +81,20 @@ class CrashHarness:
     async def abandon(self, manager: SessionManager) -> None:
         """Drop the manager's connections from the server side, as the death of its process would."""
         if manager.store is not None:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
-                await admin.execute(
-                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = %s",
-                    (manager.store.application_name,),
-                )
+            await self._terminate_backends(manager.store.application_name)
         await manager.abandon()
+
+    async def _terminate_backends(self, application_name: str, timeout: float = 5.0) -> None:
+        # Polled here rather than with pg_terminate_backend(pid, timeout), which the server
+        # re-checks only every 100 ms; terminated again each round, since a connection the
+        # pool was opening meanwhile shows up only later.
+        query = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
+        deadline = time.monotonic() + timeout
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
+            while await (await admin.execute(query, (application_name,))).fetchone() is not None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the backends of {application_name!r} did not exit within {timeout:g}s")
+                await asyncio.sleep(0.001)
 
     # a child process
 
