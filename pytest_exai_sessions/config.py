@@ -79,6 +79,13 @@ OPTIONS = (
         default=False,
         shown_default="off: a new cluster every run",
     ),
+    Option(
+        "exai_clones_ahead",
+        "test databases a background thread clones ahead (and drops after use), so a test does not wait "
+        "for its own; 0 clones and drops in each test's setup and teardown",
+        env="EXAI_SESSIONS_CLONES_AHEAD",
+        default="1",
+    ),
 )
 
 
@@ -93,6 +100,7 @@ class ExaiConfig:
     pg_settings: dict[str, str] = field(default_factory=dict)
     pg_startup_timeout: float = 30.0
     reuse: bool = False
+    clones_ahead: int = 1
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -154,7 +162,15 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
         },
         pg_startup_timeout=_number("--exai-pg-startup-timeout", raw["exai_pg_startup_timeout"], float),
         reuse=_flag("EXAI_SESSIONS_REUSE", raw["exai_reuse"]),
+        clones_ahead=_count("--exai-clones-ahead", raw["exai_clones_ahead"]),
     )
+
+
+def _count(name: str, value: Any) -> int:
+    number: int = _number(name, value, int)
+    if number < 0:
+        raise pytest.UsageError(f"{name} expects 0 or more, got {value!r}")
+    return number
 
 
 def _flag(name: str, value: Any) -> bool:

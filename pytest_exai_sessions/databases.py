@@ -5,6 +5,9 @@ drop, because a test that killed a client may leave backends connected, clones w
 STRATEGY FILE_COPY where the server has it (PostgreSQL 15+: a copy of the files instead of
 writing the whole template through the WAL), and runs on one kept connection instead of
 connecting for every statement: together a per-test database costs about a third.
+
+With ``ahead`` set, a thread of its own clones the next database while the current test
+runs and drops used ones after it: a test then takes a clone that is already there.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,8 +75,15 @@ class TestDatabases:
 
     __test__ = False  # not a test class, whatever its name says to pytest
 
-    def __init__(self, server: PostgresServer, *, prefix: str | None = None, template: str | None = None) -> None:
-        """``template``: a template database that already exists (a cached cluster's); kept, not dropped."""
+    def __init__(
+        self, server: PostgresServer, *, prefix: str | None = None, template: str | None = None, ahead: int = 0
+    ) -> None:
+        """``template``: a template database that already exists (a cached cluster's); kept, not dropped.
+
+        ``ahead``: how many clones to keep ready in the background (0: clone and drop in the caller).
+        """
+        if ahead < 0:
+            raise ValueError(f"ahead must be 0 or more, got {ahead}")
         self.server = server
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         self.prefix = prefix or "_".join(filter(None, ["exai", worker, secrets.token_hex(3)]))
@@ -79,6 +91,8 @@ class TestDatabases:
         self.template_exists = template is not None
         self._numbers = itertools.count(1)
         self._admin: psycopg.Connection[Any] | None = None
+        self._background = _Background(self, ahead) if ahead else None
+        self._handed_out: set[str] = set()  # clones not dropped yet: dropped at close at the latest
 
     def _connection(self) -> psycopg.Connection[Any]:
         """The kept maintenance connection, opened again if the server went away (a crash test)."""
@@ -92,12 +106,23 @@ class TestDatabases:
         return self._admin
 
     def close(self) -> None:
-        if self._admin is not None:
-            self._admin.close()
-            self._admin = None
+        """Stop the background work, drop every clone not dropped yet, disconnect."""
+        try:
+            self._drop_leftovers()
+        finally:
+            if self._admin is not None:
+                self._admin.close()
+                self._admin = None
 
-    def _janitor(self, dbname: str, *, template: str | None = None, as_template: bool = False) -> ForcefulJanitor:
-        connection = self._connection()
+    def _janitor(
+        self,
+        dbname: str,
+        *,
+        template: str | None = None,
+        as_template: bool = False,
+        connection: psycopg.Connection[Any] | None = None,
+    ) -> ForcefulJanitor:
+        connection = connection or self._connection()
         return ForcefulJanitor(
             connection=connection,
             file_copy=connection.info.server_version >= 150000,
@@ -125,15 +150,169 @@ class TestDatabases:
             raise
 
     def drop_template(self) -> None:
-        if not self.template_exists:
-            self._janitor(self.template, as_template=True).drop()
-        self.close()
+        try:
+            self._drop_leftovers()
+            if not self.template_exists:
+                self._janitor(self.template, as_template=True).drop()
+        finally:
+            self.close()
 
     def create_clone(self) -> str:
-        """A new database cloned from the template; returns its name."""
-        name = f"{self.prefix}_{next(self._numbers)}"
-        self._janitor(name, template=self.template).init()
+        """A new database cloned from the template (one made ahead if there is); returns its name."""
+        name = self._background.take() if self._background is not None else None
+        if name is None:
+            name = self.next_name()
+            self._janitor(name, template=self.template).init()
+        self._handed_out.add(name)
         return name
 
     def drop(self, dbname: str) -> None:
+        """Drop a clone now, in the caller."""
         self._janitor(dbname).drop()
+        self._handed_out.discard(dbname)
+
+    def release(self, dbname: str) -> None:
+        """Drop a clone that is no longer used: in the background when there is one, else now."""
+        if self._background is not None and self._background.drop_later(dbname):
+            self._handed_out.discard(dbname)
+        else:
+            self.drop(dbname)
+
+    def _drop_leftovers(self) -> None:
+        """Drop the clones still handed out, kept ready or waiting for their drop."""
+        leftovers = self._background.stop() if self._background is not None else []
+        failures: list[psycopg.Error] = []
+        for name in [*leftovers, *sorted(self._handed_out)]:
+            try:
+                self.drop(name)
+            except psycopg.Error as error:  # try the others too, then raise
+                failures.append(error)
+        if failures:
+            raise failures[0]
+
+    def next_name(self) -> str:
+        return f"{self.prefix}_{next(self._numbers)}"  # count's next() is atomic: safe from any thread
+
+
+class _Background:
+    """Clones ahead and drops used clones on threads and connections of their own.
+
+    Two threads, so that the server clones the next database while it drops the last one.
+    Anything that fails here (a crash test may have killed the server) pauses the work
+    until the next clone is taken and leaves it to the foreground, where a failure raises
+    in the test that needs the database: nothing is lost or swallowed.
+    """
+
+    THREADS = 2
+    MAX_PENDING_DROPS = 4  # beyond this the caller drops itself: tmpfs must not fill with old clones
+    WAIT_FOR_CLONE_SECS = 30.0
+
+    def __init__(self, databases: TestDatabases, ahead: int) -> None:
+        self.databases = databases
+        self.ahead = ahead
+        self._state = threading.Condition()
+        self._ready: deque[str] = deque()
+        self._to_drop: deque[str] = deque()
+        self._creating = 0
+        self._paused = False
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+
+    def take(self) -> str | None:
+        """A clone made ahead, waiting for one on its way; None if there is none (create it yourself)."""
+        with self._state:
+            self._paused = False  # a new test: worth trying again after a failure
+            self._start()
+            self._state.wait_for(lambda: self._ready or not self._creating, timeout=self.WAIT_FOR_CLONE_SECS)
+            name = self._ready.popleft() if self._ready else None
+            self._state.notify_all()  # make the next one
+            return name
+
+    def drop_later(self, dbname: str) -> bool:
+        """Queue a drop; False when too many wait already (the caller should drop it now)."""
+        with self._state:
+            if self._stopping or len(self._to_drop) >= self.MAX_PENDING_DROPS:
+                return False
+            self._to_drop.append(dbname)
+            self._state.notify_all()
+            return True
+
+    def stop(self) -> list[str]:
+        """End the threads; returns the clones they kept or had yet to drop, for the caller to drop."""
+        with self._state:
+            self._stopping = True
+            self._state.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        with self._state:
+            leftovers = [*self._ready, *self._to_drop]
+            self._ready.clear()
+            self._to_drop.clear()
+        return leftovers
+
+    def _start(self) -> None:
+        if self._threads or self._stopping:
+            return
+        for number in range(self.THREADS):
+            thread = threading.Thread(target=self._run, name=f"exai-sessions-clones-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _next_job(self) -> tuple[str, str] | None:
+        if self._stopping or self._paused:
+            return None
+        short = len(self._ready) + self._creating < self.ahead
+        # The next test's clone first, unless old clones pile up.
+        if short and len(self._to_drop) < self.MAX_PENDING_DROPS // 2:
+            self._creating += 1
+            return "create", self.databases.next_name()
+        if self._to_drop:
+            return "drop", self._to_drop.popleft()
+        if short:
+            self._creating += 1
+            return "create", self.databases.next_name()
+        return None
+
+    def _run(self) -> None:
+        connection: psycopg.Connection[Any] | None = None
+        try:
+            while True:
+                with self._state:
+                    job = None
+                    while job is None and not self._stopping:
+                        job = self._next_job()
+                        if job is None:
+                            self._state.wait()
+                    if job is None:
+                        return
+                kind, name = job
+                connection = self._do(kind, name, connection)
+                with self._state:
+                    if kind == "create":
+                        self._creating -= 1
+                    if connection is None:
+                        # A create may have committed before its connection died: drop that name too.
+                        self._to_drop.appendleft(name)
+                        self._paused = True
+                    elif kind == "create":
+                        self._ready.append(name)
+                    self._state.notify_all()
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _do(self, kind: str, name: str, connection: psycopg.Connection[Any] | None) -> psycopg.Connection[Any] | None:
+        """Run one job; returns the connection to go on with, None when the job failed."""
+        try:
+            if connection is None or connection.closed:
+                connection = psycopg.connect(self.databases.server.dsn(), autocommit=True, connect_timeout=10)
+            if kind == "create":
+                self.databases._janitor(name, template=self.databases.template, connection=connection).init()
+            else:
+                self.databases._janitor(name, connection=connection).drop()
+            return connection
+        except (psycopg.Error, OSError):
+            if connection is not None:
+                connection.close()
+            return None  # done again in the foreground, where its error raises

@@ -220,7 +220,9 @@ def _build_cached_template(server: TemporaryPostgres) -> None:
 def exai_databases(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> Iterator[TestDatabases]:
     """The template database with the unified schema (built once) and the factory of per-test clones."""
     cached = exai_config.reuse and not exai_pg_server.external
-    databases = TestDatabases(exai_pg_server, template=CACHED_TEMPLATE if cached else None)
+    databases = TestDatabases(
+        exai_pg_server, template=CACHED_TEMPLATE if cached else None, ahead=exai_config.clones_ahead
+    )
     failure: str | None = None
     try:
         databases.create_template()
@@ -241,7 +243,7 @@ def exai_dsn(exai_databases: TestDatabases) -> Iterator[str]:
     try:
         yield exai_databases.server.dsn(dbname)
     finally:
-        exai_databases.drop(dbname)
+        exai_databases.release(dbname)
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ FLAGS = (
     "--exai-pg-setting",
     "--exai-pg-startup-timeout",
     "--exai-reuse",
+    "--exai-clones-ahead",
 )
 # A DSN that fails at once if anything uses it: no server has a socket there.
 UNUSABLE_DSN = "host=/nonexistent/exai-socket-dir port=1 user=nobody dbname=nowhere"
@@ -270,14 +271,16 @@ def test_fails_and_leaves_a_client_connected(exai_dsn):
 """
 
 
+@pytest.mark.parametrize("ahead", ["0", "1", "3"])
 def test_external_server_by_command_line_and_databases_are_dropped(
-    pytester: pytest.Pytester, exai_pg_server: PostgresServer
+    ahead: str, pytester: pytest.Pytester, exai_pg_server: PostgresServer
 ) -> None:
+    """Whether clones are made in the test or ahead in the background: a fresh one each, none left."""
     pytester.makeconftest(FACTS_CONFTEST)
     pytester.makepyfile(INNER_EXTERNAL_TESTS)
     databases_before = database_names(exai_pg_server)
 
-    result = run_and_check_leftovers(pytester, f"--exai-dsn={exai_pg_server.dsn()}")
+    result = run_and_check_leftovers(pytester, f"--exai-dsn={exai_pg_server.dsn()}", f"--exai-clones-ahead={ahead}")
 
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: failing on purpose*"])
@@ -379,8 +382,10 @@ def test_the_marker_is_registered_and_documented(pytester: pytest.Pytester) -> N
         (["--exai-pg-setting=work_mem"], "ERROR: --exai-pg-setting expects NAME=VALUE, got 'work_mem'"),
         (["--exai-pg-basedir=/nonexistent/base"], "ERROR: --exai-pg-basedir=/nonexistent/base is not an existing dir*"),
         (["--exai-pg-os-user=no-such-user-exai"], "ERROR: *'no-such-user-exai' * does not exist*"),
+        (["--exai-clones-ahead=some"], "ERROR: --exai-clones-ahead expects a number, got 'some'"),
+        (["--exai-clones-ahead=-1"], "ERROR: --exai-clones-ahead expects 0 or more, got '-1'"),
     ],
-    ids=["pg-bin", "dsn-syntax", "port", "timeout", "setting", "basedir", "os-user"],
+    ids=["pg-bin", "dsn-syntax", "port", "timeout", "setting", "basedir", "os-user", "ahead", "ahead-negative"],
 )
 def test_a_bad_option_is_one_usage_error_before_any_test_runs(
     args: list[str], message: str, pytester: pytest.Pytester
