@@ -33,7 +33,7 @@ class ForcefulJanitor(DatabaseJanitor):
     """A DatabaseJanitor whose drop also ends any backend still connected.
 
     ``connection``: an autocommit connection to the maintenance database to run on, instead
-    of a new one per call. ``file_copy``: clone with STRATEGY FILE_COPY.
+    of a new one per call. ``file_copy``: create with STRATEGY FILE_COPY.
     """
 
     def __init__(self, *, connection: psycopg.Connection[Any] | None = None, file_copy: bool = False, **kwargs: Any):
@@ -52,7 +52,7 @@ class ForcefulJanitor(DatabaseJanitor):
 
     def _build_create_database_sql(self) -> sql.Composed:
         query = super()._build_create_database_sql()
-        if self._file_copy and self.template_dbname:
+        if self._file_copy:
             query += sql.SQL(" STRATEGY FILE_COPY")
         return query
 

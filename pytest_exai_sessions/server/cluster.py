@@ -352,6 +352,8 @@ class TemporaryPostgres:
             "--encoding", "UTF8",
             "--locale", "C",
             "--no-sync",
+            # initdb writes a whole zeroed WAL segment; 1 MB instead of 16 shortens every cold start.
+            "--wal-segsize", "1",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             try:
