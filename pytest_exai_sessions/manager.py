@@ -198,7 +198,11 @@ class SessionManager:
             del self._write_locks[session_id]
 
     def _write_lock(self, session_id: str) -> asyncio.Lock:
-        return self._write_locks.setdefault(session_id, asyncio.Lock())
+        lock = self._write_locks.get(session_id)
+        if lock is None:
+            # Only when missing: every write takes this lock, and most find it there.
+            lock = self._write_locks[session_id] = asyncio.Lock()
+        return lock
 
     def _lifecycle(self, event_type: SessionLifecycle, **data: Any) -> SessionEvents | None:
         """The lifecycle events a store call should record along with its change, if any."""
@@ -301,19 +305,19 @@ class SessionManager:
         """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now."""
         check_session_id(session_id)  # a ValueError, not a PersistenceError from the database
         duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
-        now = self._now()
         if self.store is None:
             current = self._require_live_in_memory(session_id)
             updated = current.model_copy(
                 update={
                     "request_count": current.request_count + 1,
                     "total_duration_ms": current.total_duration_ms + duration,
-                    "last_activity": now,
+                    "last_activity": self._now(),
                 }
             )
             self._sessions[session_id] = updated
             return updated
         async with self._write_lock(session_id):
+            # Read once the lock is held: writes of one session commit in the order of their times.
             now = self._now()
             stored = await self.store.record_request(
                 session_id, duration_ms=duration, now=now, stale_before=self._stale_before(now)

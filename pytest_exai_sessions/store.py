@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import secrets
 import select
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
+from psycopg.rows import TupleRow, tuple_row
+from psycopg.types.json import Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .errors import PersistenceError
@@ -45,6 +46,8 @@ COLUMNS: Mapping[str, str] = {
     "last_activity": "last_activity_at",
     "expires_at": "expires_at",
 }
+# Sessions come back as tuples in this order, the order of _RETURNING's columns.
+_FIELDS = tuple(COLUMNS)
 _JSON_FIELDS = frozenset({"data", "metadata"})
 _TABLE = sql.Identifier("public", "sessions")
 
@@ -67,6 +70,11 @@ _LIVE = sql.SQL(
     " AND ({t}.expires_at IS NULL OR {t}.expires_at > %(now)s)"
 )
 _LIVE_SESSIONS = _LIVE.format(t=sql.Identifier("sessions"))
+# The same test for a statement on one session_id, as a CASE, which the planner cannot use to
+# choose an index: it is checked on the row the session_id index finds. As plain conditions,
+# on a table without statistics yet (every new test database), they got the
+# (session_state, last_activity_at) index chosen, and each call read every live session.
+_LIVE_FOUND = sql.SQL("CASE WHEN {live} THEN true ELSE false END").format(live=_LIVE_SESSIONS)
 
 
 # The name under which a change's rows are handed to the lifecycle-event INSERT.
@@ -122,7 +130,7 @@ def _create_query() -> bytes:
 def _fetch_live_query() -> bytes:
     return _compiled(
         sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}").format(
-            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+            returning=_RETURNING, table=_TABLE, live=_LIVE_FOUND
         )
     )
 
@@ -134,8 +142,19 @@ def _record_request_query() -> bytes:
             "UPDATE {table} AS sessions SET request_count = request_count + 1,"
             " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s"
             " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, live=_LIVE_SESSIONS, returning=_RETURNING)
+        ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
     )
+
+
+def _update_query(fields: Iterable[str]) -> sql.Composed:
+    """Set each of ``fields`` from the parameter ``set_<field>``, and ``last_activity`` from ``now``."""
+    assignments: list[sql.Composable] = [
+        sql.SQL("{c} = {p}").format(c=sql.Identifier(COLUMNS[f]), p=sql.Placeholder(f"set_{f}")) for f in fields
+    ]
+    assignments.append(sql.SQL("last_activity_at = %(now)s"))
+    return sql.SQL(
+        "UPDATE {table} AS sessions SET {assignments} WHERE session_id = %(id)s AND {live} RETURNING {returning}"
+    ).format(table=_TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_FOUND, returning=_RETURNING)
 
 
 def _param(field: str, value: Any) -> Any:
@@ -146,13 +165,47 @@ def _param(field: str, value: Any) -> Any:
     return value
 
 
-def _to_session(row: Mapping[str, Any]) -> Session:
+def _to_session(row: Sequence[Any]) -> Session:
+    """The session in a row of ``_RETURNING``'s columns."""
     try:
-        return Session.from_database(row)
+        return Session.from_database(dict(zip(_FIELDS, row, strict=True)))
     except (ValueError, KeyError, AttributeError) as error:
+        session_id = row[0] if row else None
         raise PersistenceError(
-            f"row of public.sessions with session_id {row.get('session_id')!r} is not a valid session: {error}"
+            f"row of public.sessions with session_id {session_id!r} is not a valid session: {error}"
         ) from error
+
+
+def _json_from_utf8(data: str | bytes) -> Any:
+    # json.loads() given bytes first works out their encoding, which took as long as parsing
+    # a small object. jsonb's text never starts with a BOM or a NUL, so it always settles on
+    # UTF-8: decode it as json.loads() would.
+    return json.loads(data if isinstance(data, str) else data.decode("utf-8", "surrogatepass"))
+
+
+_Cursor = TypeVar("_Cursor", bound=psycopg.AsyncCursor[TupleRow])
+
+
+def _session_cursor(cursor: _Cursor) -> _Cursor:
+    """``cursor``, set up to read rows of sessions."""
+    set_json_loads(_json_from_utf8, cursor)
+    return cursor
+
+
+class _PooledConnection(psycopg.AsyncConnection[Any]):
+    """A connection of the store's pool, with one cursor kept for its single-row statements.
+
+    A new cursor looks up the adapters of every parameter and result column again on its
+    first statement, which cost more than the rest of a call's client-side work. A pooled
+    connection runs one statement at a time, so its cursor can serve each of them.
+    """
+
+    _row_cursor: psycopg.AsyncCursor[TupleRow] | None = None
+
+    def row_cursor(self) -> psycopg.AsyncCursor[TupleRow]:
+        if self._row_cursor is None:
+            self._row_cursor = _session_cursor(self.cursor(row_factory=tuple_row))
+        return self._row_cursor
 
 
 class _ConnectFailures:
@@ -166,10 +219,10 @@ class _ConnectFailures:
     def __init__(self) -> None:
         self.last: psycopg.Error | None = None
 
-    def connection_class(self) -> type[psycopg.AsyncConnection[Any]]:
+    def connection_class(self) -> type[_PooledConnection]:
         failures = self
 
-        class RecordingConnection(psycopg.AsyncConnection[Any]):
+        class RecordingConnection(_PooledConnection):
             @classmethod
             async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
                 try:
@@ -189,10 +242,14 @@ def _database_errors(action: str, failures: _ConnectFailures | None = None) -> I
     try:
         yield
     except psycopg.Error as error:
-        reason = f"{type(error).__name__}: {error}".rstrip()
-        if isinstance(error, PoolTimeout) and failures is not None and failures.last is not None:
-            reason += f"; last connection attempt: {type(failures.last).__name__}: {failures.last}".rstrip()
-        raise PersistenceError(f"{action} failed: {reason}") from error
+        raise _persistence_error(action, error, failures) from error
+
+
+def _persistence_error(action: str, error: psycopg.Error, failures: _ConnectFailures | None) -> PersistenceError:
+    reason = f"{type(error).__name__}: {error}".rstrip()
+    if isinstance(error, PoolTimeout) and failures is not None and failures.last is not None:
+        reason += f"; last connection attempt: {type(failures.last).__name__}: {failures.last}".rstrip()
+    return PersistenceError(f"{action} failed: {reason}")
 
 
 async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -218,14 +275,17 @@ class SessionStore:
         self.application_name = application_name
         # What open() was given, so a crash helper can open an equal store again.
         self.pool_options = dict(pool_options)
+        # The pool gives up waiting for a connection after `timeout`; this also bounds a
+        # statement on a server that accepted the connection but stopped answering.
+        self._answer_within = 2 * self.pool_options["timeout"]
         self._connect_failures = _ConnectFailures()
         self._pool = self._new_pool()
         # Set when a call could not reach the server; the next call first checks whether it is back.
         self._server_lost = False
 
-    def _new_pool(self) -> AsyncConnectionPool:
+    def _new_pool(self) -> AsyncConnectionPool[_PooledConnection]:
         options = self.pool_options
-        return AsyncConnectionPool(
+        return AsyncConnectionPool[_PooledConnection](
             self.conninfo,
             connection_class=self._connect_failures.connection_class(),
             kwargs={
@@ -283,10 +343,27 @@ class SessionStore:
         await self.close()
 
     async def _fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> Session | None:
-        async with self._connection(action) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(query, params)
-            row = await cur.fetchone()
+        """Run one statement returning at most one session: every single-session call comes here.
+
+        What ``_connection`` guarantees (reconnection, a deadline, PersistenceError), spelled
+        out without its layers of context managers, which cost a sizeable part of a call.
+        """
+        if self._server_lost:
+            await self._reconnect(action)
+        try:
+            async with asyncio.timeout(self._answer_within):
+                conn = await self._pool.getconn()
+                try:
+                    cursor = conn.row_cursor()
+                    await cursor.execute(query, params)
+                    row = await cursor.fetchone()
+                finally:
+                    await self._pool.putconn(conn)
+        except TimeoutError as error:
+            raise self._no_answer(action) from error
+        except psycopg.Error as error:
+            self._note_failure(error)
+            raise _persistence_error(action, error, self._connect_failures) from error
         return None if row is None else _to_session(row)
 
     async def create(
@@ -341,7 +418,7 @@ class SessionStore:
         }
         action = f"recording requests of {len(ids)} sessions"
         async with self._connection(action) as conn, conn.transaction() as transaction:
-            cur = conn.cursor(row_factory=dict_row)
+            cur = _session_cursor(conn.cursor(row_factory=tuple_row))
             await cur.execute(query, params)
             rows = await cur.fetchall()
             if len(rows) != len(ids):
@@ -352,16 +429,9 @@ class SessionStore:
         self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
     ) -> Session | None:
         """Set the given fields and ``last_activity``; None when no live session has the id."""
-        assignments: list[sql.Composable] = [
-            sql.SQL("{c} = {p}").format(c=sql.Identifier(COLUMNS[f]), p=sql.Placeholder(f"set_{f}")) for f in changes
-        ]
-        assignments.append(sql.SQL("last_activity_at = %(now)s"))
-        query = sql.SQL(
-            "UPDATE {table} AS sessions SET {assignments} WHERE session_id = %(id)s AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_SESSIONS, returning=_RETURNING)
         params: dict[str, Any] = {f"set_{f}": _param(f, value) for f, value in changes.items()}
         params.update(id=session_id, now=now, stale_before=stale_before)
-        return await self._fetch_one(f"updating session {session_id!r}", query, params)
+        return await self._fetch_one(f"updating session {session_id!r}", _update_query(changes), params)
 
     async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
         """Delete the row; False when there was none. ``events``: record it, in the same statement."""
@@ -418,7 +488,7 @@ class SessionStore:
         async with (
             self._connection(action, bounded=False) as conn,
             conn.transaction(),
-            conn.cursor(name="exai_stream_sessions", row_factory=dict_row) as cur,
+            _session_cursor(conn.cursor(name="exai_stream_sessions", row_factory=tuple_row)) as cur,
         ):
             async with self._deadline(action):
                 await cur.execute(query, params)
@@ -444,9 +514,14 @@ class SessionStore:
                     async with self._pool.connection() as conn:
                         yield conn
         except PersistenceError as error:
-            if isinstance(error.__cause__, psycopg.OperationalError):
-                self._server_lost = True
+            if isinstance(error.__cause__, psycopg.Error):
+                self._note_failure(error.__cause__)
             raise
+
+    def _note_failure(self, error: psycopg.Error) -> None:
+        """After a connection failure, the next call first checks whether the server is back."""
+        if isinstance(error, psycopg.OperationalError):
+            self._server_lost = True
 
     async def _reconnect(self, action: str) -> None:
         """After an outage: fail at once while the server is down, start afresh once it is back.
@@ -468,14 +543,14 @@ class SessionStore:
 
     @asynccontextmanager
     async def _deadline(self, action: str) -> AsyncIterator[None]:
-        # The pool gives up waiting for a connection after `timeout`; this also bounds a
-        # statement on a server that accepted the connection but stopped answering.
-        limit = 2 * self.pool_options["timeout"]
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(self._answer_within):
                 yield
         except TimeoutError as error:
-            raise PersistenceError(f"{action} failed: the database did not answer within {limit:g}s") from error
+            raise self._no_answer(action) from error
+
+    def _no_answer(self, action: str) -> PersistenceError:
+        return PersistenceError(f"{action} failed: the database did not answer within {self._answer_within:g}s")
 
 
 def _describe(conninfo: str) -> str:

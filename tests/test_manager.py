@@ -544,6 +544,25 @@ async def test_two_managers_never_lose_a_counted_request(session_manager_factory
 
 
 @pytest.mark.asyncio
+async def test_update_activity_returns_the_row_with_what_another_writer_changed(session_manager_factory, exai_dsn):
+    counting = await session_manager_factory()
+    other = await session_manager_factory()
+    await counting.ensure("shared", data={"step": 1})
+    await counting.update_activity("shared", request_duration_ms=4)
+    await other.update("shared", data={"step": 2}, user_agent="other-replica", ip_address="192.0.2.9")
+    await execute(exai_dsn, "UPDATE public.sessions SET metadata = '{\"tool\": true}' WHERE session_id = 'shared'")
+
+    session = await counting.update_activity("shared", request_duration_ms=5)
+
+    # Not the copy in memory with new counters: the whole row as it is now stored.
+    assert (session.data, session.metadata) == ({"step": 2}, {"tool": True})
+    assert (session.user_agent, session.ip_address) == ("other-replica", "192.0.2.9")
+    assert (session.request_count, session.total_duration_ms) == (2, 9)
+    assert counting.sessions()["shared"] == session
+    assert session == await (await session_manager_factory()).get("shared")
+
+
+@pytest.mark.asyncio
 async def test_the_limit_never_refuses_a_session_that_exists_in_the_database(session_manager_factory, exai_dsn):
     small = await session_manager_factory(max_concurrent_sessions=1)
     other = await session_manager_factory()

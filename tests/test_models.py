@@ -1,6 +1,10 @@
 """The Session record and the rules its fields obey (pure Python, no database)."""
 
+import copy
 import json
+import pickle
+import sys
+import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -108,6 +112,17 @@ def test_invalid_ids_say_why(session_id, reason):
         check_session_id(session_id)
     with pytest.raises(ValidationError):
         Session(session_id=session_id)
+
+
+def test_the_control_characters_refused_are_exactly_unicode_category_cc():
+    refused = set()
+    for code_point in range(sys.maxunicode + 1):
+        try:
+            check_session_id(f"a{chr(code_point)}")
+        except ValueError:
+            refused.add(code_point)
+
+    assert refused == {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cc"}
 
 
 # -- JSON fields
@@ -287,3 +302,58 @@ def test_a_session_survives_a_json_round_trip():
     )
 
     assert Session.model_validate_json(session.model_dump_json()) == session
+
+
+# -- rows read from the database
+
+
+def database_row(**changes):
+    """A row as the store reads it: field names, and timestamps in the connection's time zone."""
+    paris = timezone(timedelta(hours=1))
+    row = {
+        "session_id": "s1",
+        "state": "active",
+        "user_id": "u1",
+        "user_type": "agent",
+        "ip_address": "::ffff:192.0.2.1",
+        "user_agent": "pytest",
+        "data": {"cart": [1, 2]},
+        "metadata": {"schema_version": 1},
+        "request_count": 3,
+        "total_duration_ms": 42,
+        "created_at": datetime(2026, 3, 1, 13, 30, tzinfo=paris),
+        "last_activity": datetime(2026, 3, 1, 13, 45, tzinfo=paris),
+        "expires_at": datetime(2030, 1, 1, tzinfo=paris),
+    }
+    return {**row, **changes}
+
+
+@pytest.mark.parametrize("changes", [{}, {"expires_at": None, "ip_address": None, "user_id": None}])
+def test_a_session_from_a_row_is_the_model_validation_builds(changes):
+    row = database_row(**changes)
+
+    session = Session.from_database(row)
+
+    validated = Session(**row)
+    assert session == validated
+    assert session.__getstate__() == validated.__getstate__()  # fields set, extra, private too
+    assert session.state is SessionState.ACTIVE and session.user_type is UserType.AGENT
+    assert session.created_at.tzinfo is UTC
+    assert pickle.loads(pickle.dumps(session)) == session
+    assert copy.deepcopy(session) == session
+    with pytest.raises(ValidationError, match="frozen"):
+        session.request_count = 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"session_id": "bad\x07id"}, "control character"),
+        ({"state": "paused"}, "paused"),
+        ({"user_type": "robot"}, "robot"),
+        ({"created_at": datetime(2026, 1, 1)}, "timezone-aware"),
+    ],
+)
+def test_a_row_the_model_would_refuse_raises_value_error(changes, reason):
+    with pytest.raises(ValueError, match=reason):
+        Session.from_database(database_row(**changes))

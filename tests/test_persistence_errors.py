@@ -158,6 +158,16 @@ async def test_a_manager_cannot_start_on_a_broken_table(exai_dsn):
 
 
 @pytest.mark.asyncio
+async def test_a_row_the_model_refuses_stops_recovery_and_is_named(exai_dsn):
+    # The table allows control characters in an id; the model does not.
+    await execute(exai_dsn, "INSERT INTO public.sessions (session_id) VALUES ('good'), (E'bad\\x07id')")
+
+    with pytest.raises(PersistenceError, match=r"session_id 'bad\\x07id' is not a valid session: .*control character"):
+        async with SessionManager.connect(exai_dsn):
+            pass
+
+
+@pytest.mark.asyncio
 async def test_periodic_cleanup_keeps_its_error_where_callers_can_see_it(session_manager_factory, exai_dsn):
     manager = await session_manager_factory(cleanup_interval_secs=0.05)
     await manager.ensure("stale")
@@ -196,6 +206,26 @@ async def test_an_outage_raises_within_the_timeout_and_says_why(exai_dsn, exai_p
 
         assert "is not currently accepting connections" in errors[-1]
         assert manager.sessions() == before
+
+
+@pytest.mark.asyncio
+async def test_a_statement_the_database_does_not_answer_raises_within_the_deadline(exai_dsn):
+    store = await SessionStore.open(exai_dsn, timeout=0.2)
+    async with SessionManager(store, close_store=True) as manager:
+        await manager.ensure("s1")
+        before = manager.sessions()
+        async with await psycopg.AsyncConnection.connect(exai_dsn) as blocker:
+            # The server accepts the statement and then does not answer while this lock is held.
+            await blocker.execute("LOCK TABLE public.sessions IN ACCESS EXCLUSIVE MODE")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(PersistenceError, match=r"did not answer within 0\.4s"):
+                await asyncio.wait_for(manager.update_activity("s1"), timeout=30)
+            waited = asyncio.get_running_loop().time() - started
+            await blocker.rollback()
+
+        assert waited < 5  # the deadline, plus the cancellation of the statement
+        assert manager.sessions() == before
+        assert (await manager.update_activity("s1")).request_count == 1  # the statement was cancelled
 
 
 def unreachable(tmp_path, exai_dsn):
