@@ -84,7 +84,7 @@ OPTIONS = (
         "test databases a background thread clones ahead (and drops after use), so a test does not wait "
         "for its own; 0 clones and drops in each test's setup and teardown",
         env="EXAI_SESSIONS_CLONES_AHEAD",
-        default="1",
+        default="2",
     ),
 )
 
@@ -100,7 +100,7 @@ class ExaiConfig:
     pg_settings: dict[str, str] = field(default_factory=dict)
     pg_startup_timeout: float = 30.0
     reuse: bool = False
-    clones_ahead: int = 1
+    clones_ahead: int = 2
 
 
 def add_options(parser: pytest.Parser) -> None:
