@@ -287,17 +287,22 @@ class _Background:
                     if job is None:
                         return
                 kind, name = job
-                connection = self._do(kind, name, connection)
-                with self._state:
-                    if kind == "create":
-                        self._creating -= 1
-                    if connection is None:
-                        # A create may have committed before its connection died: drop that name too.
-                        self._to_drop.appendleft(name)
-                        self._paused = True
-                    elif kind == "create":
-                        self._ready.append(name)
-                    self._state.notify_all()
+                connection = None if connection is None or connection.closed else connection
+                succeeded = False
+                try:
+                    connection = self._do(kind, name, connection)
+                    succeeded = connection is not None
+                finally:  # also if _do raised something unforeseen: no caller waits for this job for ever
+                    with self._state:
+                        if kind == "create":
+                            self._creating -= 1
+                        if not succeeded:
+                            # A create may have committed before its connection died: drop that name too.
+                            self._to_drop.appendleft(name)
+                            self._paused = True
+                        elif kind == "create":
+                            self._ready.append(name)
+                        self._state.notify_all()
         finally:
             if connection is not None:
                 connection.close()
@@ -305,7 +310,7 @@ class _Background:
     def _do(self, kind: str, name: str, connection: psycopg.Connection[Any] | None) -> psycopg.Connection[Any] | None:
         """Run one job; returns the connection to go on with, None when the job failed."""
         try:
-            if connection is None or connection.closed:
+            if connection is None:
                 connection = psycopg.connect(self.databases.server.dsn(), autocommit=True, connect_timeout=10)
             if kind == "create":
                 self.databases._janitor(name, template=self.databases.template, connection=connection).init()

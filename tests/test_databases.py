@@ -154,3 +154,25 @@ def test_a_failure_raises_in_the_test_that_needs_the_clone(own_server):
     finally:
         own_server.restart()
         databases.drop_template()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_unforeseen_error_in_the_background_never_leaves_a_test_waiting(exai_pg_server, monkeypatch):
+    def broken(self, kind, name, connection):
+        raise RuntimeError("a bug in the background")
+
+    monkeypatch.setattr("pytest_exai_sessions.databases._Background._do", broken)
+    databases = TestDatabases(exai_pg_server, ahead=1)
+    databases._background.WAIT_FOR_CLONE_SECS = 2  # were the failed job still counted, each take waited this
+    databases.create_template()
+    try:
+        for _ in range(3):  # the threads died on the first job; clones are made in the caller
+            name = databases.create_clone()
+            assert has_the_schema(exai_pg_server.dsn(name))
+            databases.release(name)
+        with databases._background._state:
+            assert databases._background._state.wait_for(lambda: not databases._background._creating, timeout=30)
+            assert not databases._background._ready  # nothing that failed passes for a clone
+    finally:
+        databases.drop_template()
+    assert {name for name in database_names(exai_pg_server.dsn()) if name.startswith(databases.prefix)} == set()
