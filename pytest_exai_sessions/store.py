@@ -146,6 +146,22 @@ def _record_request_query() -> bytes:
     )
 
 
+@functools.cache
+def _record_requests_query() -> bytes:
+    # "= ANY" as well as the join: the planner then reads the batch's rows through the
+    # session_id index, also on a table without statistics, instead of every live session.
+    return _compiled(
+        sql.SQL(
+            "UPDATE {table} AS sessions SET request_count = request_count + batch.requests,"
+            " total_duration_ms = total_duration_ms + batch.duration_ms, last_activity_at = %(now)s"
+            " FROM unnest(%(ids)s::text[], %(counts)s::bigint[], %(durations)s::bigint[])"
+            " AS batch(batch_session_id, requests, duration_ms)"
+            " WHERE sessions.session_id = ANY(%(ids)s::text[]) AND sessions.session_id = batch.batch_session_id"
+            " AND {live} RETURNING {returning}"
+        ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
+    )
+
+
 def _update_query(fields: Iterable[str]) -> sql.Composed:
     """Set each of ``fields`` from the parameter ``set_<field>``, and ``last_activity`` from ``now``."""
     assignments: list[sql.Composable] = [
@@ -402,13 +418,7 @@ class SessionStore:
         only the live ones, so the caller can tell which are missing.
         """
         ids = list(requests)
-        query = sql.SQL(
-            "UPDATE {table} AS sessions SET request_count = request_count + batch.requests,"
-            " total_duration_ms = total_duration_ms + batch.duration_ms, last_activity_at = %(now)s"
-            " FROM unnest(%(ids)s::text[], %(counts)s::bigint[], %(durations)s::bigint[])"
-            " AS batch(batch_session_id, requests, duration_ms)"
-            " WHERE sessions.session_id = batch.batch_session_id AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, live=_LIVE_SESSIONS, returning=_RETURNING)
+        query = _record_requests_query()
         params = {
             "ids": ids,
             "counts": [requests[i][0] for i in ids],
