@@ -34,12 +34,29 @@ class ForcefulJanitor(DatabaseJanitor):
 
     ``connection``: an autocommit connection to the maintenance database to run on, instead
     of a new one per call. ``file_copy``: create with STRATEGY FILE_COPY.
+    ``end_template_sessions``: end the connections to the template before cloning it, as
+    DatabaseJanitor does (a clone fails while any is left). Off for clones made in the
+    background: they run while a test does, which may itself be connected to the template.
     """
 
-    def __init__(self, *, connection: psycopg.Connection[Any] | None = None, file_copy: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        connection: psycopg.Connection[Any] | None = None,
+        file_copy: bool = False,
+        end_template_sessions: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self._connection = connection
         self._file_copy = file_copy
+        self._end_template_sessions = end_template_sessions
+
+    def init(self) -> None:
+        with self.cursor() as cur:
+            if self.template_dbname and self._end_template_sessions:
+                self._terminate_connection(cur, self.template_dbname)
+            cur.execute(self._build_create_database_sql())
 
     @contextmanager
     def cursor(self, dbname: str | None = None) -> Iterator[psycopg.Cursor[Any]]:
@@ -121,11 +138,13 @@ class TestDatabases:
         template: str | None = None,
         as_template: bool = False,
         connection: psycopg.Connection[Any] | None = None,
+        end_template_sessions: bool = True,
     ) -> ForcefulJanitor:
         connection = connection or self._connection()
         return ForcefulJanitor(
             connection=connection,
             file_copy=connection.info.server_version >= 150000,
+            end_template_sessions=end_template_sessions,
             user=self.server.user,
             host=self.server.host,
             port=self.server.port,
@@ -313,7 +332,12 @@ class _Background:
             if connection is None:
                 connection = psycopg.connect(self.databases.server.dsn(), autocommit=True, connect_timeout=10)
             if kind == "create":
-                self.databases._janitor(name, template=self.databases.template, connection=connection).init()
+                # A test connected to the template keeps its connection; this clone then fails
+                # (after PostgreSQL's 5 s wait) and the next test clones in its own setup.
+                janitor = self.databases._janitor(
+                    name, template=self.databases.template, connection=connection, end_template_sessions=False
+                )
+                janitor.init()
             else:
                 self.databases._janitor(name, connection=connection).drop()
             return connection

@@ -176,3 +176,19 @@ def test_an_unforeseen_error_in_the_background_never_leaves_a_test_waiting(exai_
     finally:
         databases.drop_template()
     assert {name for name in database_names(exai_pg_server.dsn()) if name.startswith(databases.prefix)} == set()
+
+
+def test_a_test_connected_to_the_template_keeps_its_connection(ahead, exai_pg_server):
+    first = ahead.create_clone()
+    with ahead._background._state:  # the spare is ready, so the next take clones nothing in the caller
+        assert ahead._background._state.wait_for(lambda: ahead._background._ready, timeout=30)
+    with psycopg.connect(exai_pg_server.dsn(ahead.template)) as on_template:
+        second = ahead.create_clone()  # the threads now clone the next one, while we hold the template
+        background = ahead._background
+        with background._state:  # until that clone is done, one way or the other
+            assert background._state.wait_for(lambda: background._ready or background._paused, timeout=60)
+        assert on_template.execute("SELECT 1").fetchone() == (1,)  # not terminated by the background
+    third = ahead.create_clone()  # the background's clone failed; the caller's works
+    assert has_the_schema(exai_pg_server.dsn(third))
+    for name in (first, second, third):
+        ahead.release(name)
