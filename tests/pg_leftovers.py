@@ -17,6 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
+
+from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.server import default_basedir
 from pytest_exai_sessions.server.cluster import OWNER_LOCK
 
@@ -183,3 +186,14 @@ def private_basedir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def databases_besides(outer: TestDatabases) -> set[str]:
+    """The databases on ``outer``'s server, less ``outer``'s own.
+
+    The outer run clones ahead and drops used clones in the background, so its own
+    databases come and go while a test compares the server before and after an inner run.
+    """
+    with psycopg.connect(outer.server.dsn(), autocommit=True) as conn:
+        names = {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
+    return {name for name in names if not name.startswith(f"{outer.prefix}_")}

@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from pg_leftovers import Leftovers, Proc, wait_until_gone
+from pg_leftovers import Leftovers, Proc, databases_besides, wait_until_gone
 
 from pytest_exai_sessions.config import OPTIONS, ExaiConfig
+from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.schema import load_migrations
 from pytest_exai_sessions.server import PostgresServer, default_basedir, find_bindir
 from pytest_exai_sessions.server.binaries import embedded_bindir, is_embedded, server_version
@@ -135,11 +135,6 @@ def run_and_check_leftovers(pytester: pytest.Pytester, *args: str, subprocess: b
     roots = [Path(f["root"]) for f in facts(pytester) if f["root"]]
     before.assert_clean(roots=roots)
     return result
-
-
-def database_names(server: PostgresServer) -> set[str]:
-    with psycopg.connect(server.dsn(), autocommit=True) as conn:
-        return {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
 
 
 # zero configuration
@@ -273,12 +268,12 @@ def test_fails_and_leaves_a_client_connected(exai_dsn):
 
 @pytest.mark.parametrize("ahead", ["0", "1", "3"])
 def test_external_server_by_command_line_and_databases_are_dropped(
-    ahead: str, pytester: pytest.Pytester, exai_pg_server: PostgresServer
+    ahead: str, pytester: pytest.Pytester, exai_pg_server: PostgresServer, exai_databases: TestDatabases
 ) -> None:
     """Whether clones are made in the test or ahead in the background: a fresh one each, none left."""
     pytester.makeconftest(FACTS_CONFTEST)
     pytester.makepyfile(INNER_EXTERNAL_TESTS)
-    databases_before = database_names(exai_pg_server)
+    databases_before = databases_besides(exai_databases)
 
     result = run_and_check_leftovers(pytester, f"--exai-dsn={exai_pg_server.dsn()}", f"--exai-clones-ahead={ahead}")
 
@@ -292,12 +287,16 @@ def test_external_server_by_command_line_and_databases_are_dropped(
     assert len(set(dbnames)) == 3
     assert all(name not in databases_before for name in dbnames)
     # Every per-test database and the template are gone, the failed test's too.
-    assert database_names(exai_pg_server) == databases_before
+    assert databases_besides(exai_databases) == databases_before
 
 
 @pytest.mark.parametrize("source", ["ini", "environment", "command line"])
 def test_external_dsn_sources_and_their_precedence(
-    source: str, pytester: pytest.Pytester, exai_pg_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+    source: str,
+    pytester: pytest.Pytester,
+    exai_pg_server: PostgresServer,
+    exai_databases: TestDatabases,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """command line > environment > ini: each lower source holds a DSN that would fail if used."""
     dsn = exai_pg_server.dsn()
@@ -317,7 +316,7 @@ def test_external_dsn_sources_and_their_precedence(
             await session_manager.ensure("here")
         """
     )
-    databases_before = database_names(exai_pg_server)
+    databases_before = databases_besides(exai_databases)
 
     result = run_and_check_leftovers(pytester, *args)
 
@@ -325,7 +324,7 @@ def test_external_dsn_sources_and_their_precedence(
     (reported,) = facts(pytester)
     assert (reported["host"], reported["port"]) == (exai_pg_server.host, exai_pg_server.port)
     assert (reported["user"], reported["version"]) == (exai_pg_server.user, str(exai_pg_server.version))
-    assert database_names(exai_pg_server) == databases_before
+    assert databases_besides(exai_databases) == databases_before
 
 
 # help and errors

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from pg_leftovers import Leftovers, read_proc, wait_until_gone
+from pg_leftovers import Leftovers, databases_besides, read_proc, wait_until_gone
 
 from pytest_exai_sessions.config import OPTIONS
+from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.server import PostgresServer
 
 pytest.importorskip("xdist")
@@ -100,11 +100,12 @@ def test_each_worker_has_its_own_server_and_databases(pytester: pytest.Pytester,
     assert list(basedir.iterdir()) == []
 
 
-def test_external_server_names_databases_per_worker(pytester: pytest.Pytester, exai_pg_server: PostgresServer) -> None:
+def test_external_server_names_databases_per_worker(
+    pytester: pytest.Pytester, exai_pg_server: PostgresServer, exai_databases: TestDatabases
+) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(ISOLATION_TESTS)
-    with psycopg.connect(exai_pg_server.dsn(), autocommit=True) as conn:
-        databases_before = {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
+    databases_before = databases_besides(exai_databases)
 
     result = run_xdist(pytester, f"--exai-dsn={exai_pg_server.dsn()}")
 
@@ -113,8 +114,7 @@ def test_external_server_names_databases_per_worker(pytester: pytest.Pytester, e
     assert {f["worker"] for f in reported} == {"gw0", "gw1"}
     for f in reported:
         assert f["dbname"].startswith(f"exai_{f['worker']}_"), f
-    with psycopg.connect(exai_pg_server.dsn(), autocommit=True) as conn:
-        assert {name for (name,) in conn.execute("SELECT datname FROM pg_database")} == databases_before
+    assert databases_besides(exai_databases) == databases_before
 
 
 def test_a_worker_killed_mid_run_leaves_no_server_and_no_directory(pytester: pytest.Pytester, basedir: Path) -> None:
