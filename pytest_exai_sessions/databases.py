@@ -6,8 +6,8 @@ STRATEGY FILE_COPY where the server has it (PostgreSQL 15+: a copy of the files 
 writing the whole template through the WAL), and runs on one kept connection instead of
 connecting for every statement: together a per-test database costs about a third.
 
-With ``ahead`` set, a thread of its own clones the next database while the current test
-runs and drops used ones after it: a test then takes a clone that is already there.
+With ``ahead`` set, two threads of their own clone the next databases while the current
+test runs and drop used ones after it: a test then takes a clone that is already there.
 """
 
 from __future__ import annotations
