@@ -18,7 +18,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ RAW_UPDATE = (
 async def per_call_rates(
     conn: psycopg.AsyncConnection[Any], manager: SessionManager, blocks: int, calls: int
 ) -> dict[str, list[float]]:
-    """Calls per second of each way, in alternating blocks: a load change hits all of them alike."""
+    """Calls per second of each way, in alternating blocks of ``calls`` calls."""
 
     async def upsert(number: int) -> None:
         await conn.execute(RAW_UPSERT, (f"raw-{number % 100}", 5))
@@ -197,15 +197,15 @@ async def per_call_rates(
     async def update_activity(number: int) -> None:
         await manager.update_activity(f"m-{number % 100}", 5)
 
-    ways = {"upsert": upsert, "update": update, "update_activity": update_activity}
-    rates: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(blocks):
-        for name, call in ways.items():
-            started = time.perf_counter()
+    def block(call: Callable[[int], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
             for number in range(calls):
                 await call(number)
-            rates[name].append(calls / (time.perf_counter() - started))
-    return rates
+
+        return run
+
+    ways = {"upsert": upsert, "update": update, "update_activity": update_activity}
+    return await alternating_rates({name: block(call) for name, call in ways.items()}, blocks, calls)
 
 
 async def batch_request_rates(
@@ -231,13 +231,19 @@ async def batch_request_rates(
     async def update_activity_many() -> None:
         await manager.update_activity_many([(f"m-{number % 100}", 5) for number in range(batch)])
 
-    ways = {"copy": copy_and_merge, "many": update_activity_many}
+    return await alternating_rates({"copy": copy_and_merge, "many": update_activity_many}, rounds, batch)
+
+
+async def alternating_rates(
+    ways: dict[str, Callable[[], Awaitable[None]]], rounds: int, per_run: int
+) -> dict[str, list[float]]:
+    """``per_run`` / seconds of each way's run, the ways taking turns: a load change hits all alike."""
     rates: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, run in ways.items():
             started = time.perf_counter()
             await run()
-            rates[name].append(batch / (time.perf_counter() - started))
+            rates[name].append(per_run / (time.perf_counter() - started))
     return rates
 
 

@@ -188,12 +188,20 @@ def private_basedir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def database_names(dsn: str) -> set[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
+
+
+def own_databases(databases: TestDatabases) -> set[str]:
+    """The databases on the server that ``databases`` made: its template and clones."""
+    return {name for name in database_names(databases.server.dsn()) if name.startswith(f"{databases.prefix}_")}
+
+
 def databases_besides(outer: TestDatabases) -> set[str]:
     """The databases on ``outer``'s server, less ``outer``'s own.
 
     The outer run clones ahead and drops used clones in the background, so its own
     databases come and go while a test compares the server before and after an inner run.
     """
-    with psycopg.connect(outer.server.dsn(), autocommit=True) as conn:
-        names = {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
-    return {name for name in names if not name.startswith(f"{outer.prefix}_")}
+    return database_names(outer.server.dsn()) - own_databases(outer)

@@ -5,14 +5,10 @@ import threading
 
 import psycopg
 import pytest
+from pg_leftovers import database_names, own_databases
 
 from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
-
-
-def database_names(dsn: str) -> set[str]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return {name for (name,) in conn.execute("SELECT datname FROM pg_database")}
 
 
 def has_the_schema(dsn: str) -> bool:
@@ -91,7 +87,7 @@ def test_closing_drops_every_clone_and_ends_the_threads(exai_pg_server):
     threads = list(databases._background._threads)
     assert len(threads) == databases._background.THREADS
     databases.drop_template()
-    left = {name for name in database_names(exai_pg_server.dsn()) if name.startswith(databases.prefix)}
+    left = own_databases(databases)
     assert left == set()  # the template, the clones in use, the spares and the queued drops
     assert not [thread for thread in threads if thread.is_alive()]
 
@@ -138,7 +134,7 @@ def test_clones_go_on_after_the_server_was_killed_and_restarted(own_server):
             databases.release(name)
     finally:
         databases.drop_template()
-    assert {name for name in database_names(own_server.dsn()) if name.startswith(databases.prefix)} == set()
+    assert own_databases(databases) == set()
 
 
 def test_a_failure_raises_in_the_test_that_needs_the_clone(own_server):
@@ -175,7 +171,7 @@ def test_an_unforeseen_error_in_the_background_never_leaves_a_test_waiting(exai_
             assert not databases._background._ready  # nothing that failed passes for a clone
     finally:
         databases.drop_template()
-    assert {name for name in database_names(exai_pg_server.dsn()) if name.startswith(databases.prefix)} == set()
+    assert own_databases(databases) == set()
 
 
 def test_a_test_connected_to_the_template_keeps_its_connection(ahead, exai_pg_server):
