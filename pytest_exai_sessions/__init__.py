@@ -3,7 +3,7 @@
 Importing this package does not import pytest: applications use the core in production.
 """
 
-from .clock import DbClock
+from .clock import SYSTEM_CLOCK, Clock, DbClock, ManualClock, SystemClock
 from .errors import (
     ExaiSessionsError,
     MigrationError,
@@ -31,7 +31,9 @@ from .schema import apply_migrations, load_migrations, migration_status
 from .store import SessionStore
 
 __all__ = [
+    "SYSTEM_CLOCK",
     "ActingAs",
+    "Clock",
     "DbClock",
     "ErrorSummary",
     "Event",
@@ -39,6 +41,7 @@ __all__ = [
     "EventStatus",
     "EventStore",
     "ExaiSessionsError",
+    "ManualClock",
     "MigrationError",
     "PerformanceMetrics",
     "PersistenceError",
@@ -52,6 +55,7 @@ __all__ = [
     "SessionNotFound",
     "SessionState",
     "SessionStore",
+    "SystemClock",
     "UserType",
     "apply_migrations",
     "as_role",

@@ -1,27 +1,48 @@
-"""The database's clock: move ``unified.clock_now()`` of one database instead of waiting.
+"""Clocks: where the manager and the database get "now" from.
 
-Everything in the schema that needs the current time (partition creation, retention, the
-materialized views' windows, timestamp defaults, the ``updated_at`` triggers) reads
-``unified.clock_now()``, which returns the ``unified.clock`` setting when it holds a
-timestamp and ``now()`` otherwise. ``DbClock`` sets it for a whole database
-(``ALTER DATABASE ... SET unified.clock``): every connection opened afterwards sees it.
-A connection that is already open keeps the value it started with; ``apply()`` brings it
-up to date. The clock is frozen: it reads the same instant until it is moved again.
+A ``SessionManager`` reads the time from one injectable ``Clock``: ``SYSTEM_CLOCK`` (the
+real time) in production, a ``ManualClock`` in a test. ``DbClock`` is a ``ManualClock``
+that moves one database along with it: every "now" of the schema (partition creation,
+retention, the materialized views' windows, timestamp defaults, the ``updated_at``
+triggers) reads ``unified.clock_now()``, which returns the row of the table
+``unified.clock`` while it holds one. Each connection reads that row at its next
+statement, so moving the clock reaches open connections and pools at once.
+
+A set clock is frozen: it reads the same instant until it is moved again.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 import psycopg
-from psycopg import sql
 
 from .errors import PersistenceError
 
-SETTING = "unified.clock"
+SETTING = "unified.clock"  # the session setting clock_now() reads before the table
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Anything with ``now()`` returning an aware UTC datetime."""
+
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    """The real time. Reads ``datetime.now`` at each call, so tools that patch it (time-machine) reach it."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def __repr__(self) -> str:
+        return "<SystemClock>"
+
+
+SYSTEM_CLOCK = SystemClock()
 
 
 def parse_instant(value: datetime | date | str) -> datetime:
@@ -50,59 +71,29 @@ def parse_instant(value: datetime | date | str) -> datetime:
     raise TypeError(f"a clock time must be a datetime, a date or an ISO 8601 str, not {type(value).__name__}")
 
 
-def _setting_text(instant: datetime | None) -> str:
-    # ISO 8601 with an explicit offset parses the same under any DateStyle and TimeZone;
-    # '' is what clock_now() treats as "no clock set" (a RESET setting reads back as '').
-    return "" if instant is None else instant.isoformat()
+class ManualClock:
+    """A clock a test moves: the real time until ``set()``, then frozen until moved again.
 
-
-class DbClock:
-    """The clock of the database ``dsn`` names: ``set()``, ``advance()``, ``reset()``, ``now()``.
-
-    Setting a placeholder such as ``unified.clock`` for a database takes a superuser on
-    PostgreSQL 15+ (the plugin's temporary server connects as one). Where that is not
-    possible, ``apply(conn)`` sets it on one connection only.
+    ``start``: the instant it reads at first and returns to on ``reset()`` (None: the real time).
+    Subclasses move other clocks in the same step by overriding ``_move``.
     """
 
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._value: datetime | None = None
-        self._dbname: str | None = None
+    def __init__(self, start: datetime | date | str | None = None) -> None:
+        self.start = None if start is None else parse_instant(start)
+        self._value = self.start
 
     @property
     def value(self) -> datetime | None:
-        """The instant this clock was last set to, or None when it follows the real time."""
+        """The instant the clock stands at, or None while it follows the real time."""
         return self._value
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        # Client-side binding: ALTER DATABASE ... SET takes no server-side parameters, so the
-        # value is still passed as a parameter and quoted by psycopg as a literal.
-        return psycopg.connect(self.dsn, autocommit=True, cursor_factory=psycopg.ClientCursor)
-
-    def _alter_database(self, instant: datetime | None) -> None:
-        with self._connect() as conn:
-            row = conn.execute("SELECT current_database()").fetchone()
-            assert row is not None
-            self._dbname = row[0]
-            database = sql.Identifier(row[0])
-            try:
-                if instant is None:
-                    conn.execute(sql.SQL("ALTER DATABASE {} RESET unified.clock").format(database))
-                else:
-                    conn.execute(
-                        sql.SQL("ALTER DATABASE {} SET unified.clock = %s").format(database), (_setting_text(instant),)
-                    )
-            except psycopg.errors.InsufficientPrivilege as error:
-                raise PersistenceError(
-                    f"cannot set {SETTING} for database {row[0]!r}: {error}; setting it for a database takes a "
-                    "superuser (or GRANT SET ON PARAMETER unified.clock); without one, use apply(conn) on each "
-                    "connection"
-                ) from error
+    def now(self) -> datetime:
+        return self._value if self._value is not None else SYSTEM_CLOCK.now()
 
     def set(self, when: datetime | date | str) -> datetime:
-        """Stop the database's clock at ``when`` for every connection opened from now on; return it in UTC."""
+        """Stop the clock at ``when``; return it in UTC."""
         instant = parse_instant(when)
-        self._alter_database(instant)
+        self._move(instant)
         self._value = instant
         return instant
 
@@ -124,25 +115,58 @@ class DbClock:
         return self.set(self.now() + step)
 
     def reset(self) -> None:
-        """Let the database's clock follow the real time again (for connections opened from now on)."""
-        self._alter_database(None)
-        self._value = None
+        """Back to ``start``: the real time unless the clock was built with a start instant."""
+        self._move(self.start)
+        self._value = self.start
 
-    def now(self) -> datetime:
-        """``unified.clock_now()`` as a new connection to the database sees it, in UTC."""
-        with self._connect() as conn:
-            row = conn.execute("SELECT unified.clock_now()").fetchone()
-        assert row is not None
-        return parse_instant(row[0])
-
-    def apply(self, conn: psycopg.Connection[Any]) -> None:
-        """Give an already open connection this clock's current value (session level)."""
-        conn.execute("SELECT set_config(%s, %s, false)", (SETTING, _setting_text(self._value)))
-
-    async def apply_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """``apply()`` for an async connection."""
-        await conn.execute("SELECT set_config(%s, %s, false)", (SETTING, _setting_text(self._value)))
+    def _move(self, instant: datetime | None) -> None:
+        """Called before the clock changes; raising leaves it where it was."""
 
     def __repr__(self) -> str:
         state = self._value.isoformat() if self._value is not None else "real time"
-        return f"<DbClock {self._dbname or self.dsn!r}: {state}>"
+        return f"<{type(self).__name__}: {state}>"
+
+
+class DbClock(ManualClock):
+    """A ``ManualClock`` that moves the database ``dsn`` names with it.
+
+    Moving it writes the row of ``unified.clock`` (``reset()`` to the real time deletes it),
+    which every connection to that database reads at its next statement. That takes USAGE
+    on the schema and INSERT, UPDATE and DELETE on ``unified.clock``: its owner (whoever
+    applied the schema) has them; other roles get a ``PersistenceError`` saying so.
+    """
+
+    def __init__(self, dsn: str, *, start: datetime | date | str | None = None) -> None:
+        super().__init__(start)
+        self.dsn = dsn
+
+    def _move(self, instant: datetime | None) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                if instant is None:
+                    conn.execute("DELETE FROM unified.clock")
+                else:
+                    conn.execute(
+                        "INSERT INTO unified.clock (frozen_at) VALUES (%s)"
+                        " ON CONFLICT (only_row) DO UPDATE SET frozen_at = EXCLUDED.frozen_at",
+                        (instant,),
+                    )
+        except psycopg.errors.InsufficientPrivilege as error:
+            raise PersistenceError(
+                f"cannot move the clock of {_database(self.dsn)}: {error.diag.message_primary}; moving it takes USAGE on the schema "
+                "unified and INSERT, UPDATE, DELETE ON unified.clock (its owner has them)"
+            ) from error
+        except psycopg.Error as error:
+            raise PersistenceError(f"moving the clock of {_database(self.dsn)} failed: {error}") from error
+
+    def __repr__(self) -> str:
+        state = self._value.isoformat() if self._value is not None else "real time"
+        return f"<DbClock {_database(self.dsn)}: {state}>"
+
+
+def _database(dsn: str) -> str:
+    try:
+        name = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname")
+    except psycopg.ProgrammingError:
+        name = None
+    return f"database {name!r}" if name else "the database"

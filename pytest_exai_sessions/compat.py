@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 from typing import Any, Self
 
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import SessionNotFound
 from .manager import SessionManager as CoreSessionManager
 from .models import Session as SessionRecord
@@ -214,8 +215,13 @@ class SessionManager:
         dsn: str | None = None,
         store: SessionStore | None = None,
         store_options: Mapping[str, Any] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        """``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts) when it opens ``dsn``."""
+        """``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts) when it opens ``dsn``.
+
+        ``clock``: the core manager's clock, which timeouts and ages here read too (a test's
+        ``exai_db_clock`` moves them without waiting).
+        """
         self.session_timeout_secs = _seconds(
             "session_timeout_secs", session_timeout_secs, TIMEOUT_ENV, DEFAULT_SESSION_TIMEOUT_SECS
         )
@@ -230,6 +236,7 @@ class SessionManager:
             allow_zero=True,
         )
         self.max_inflight = _count("max_inflight", max_inflight, MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT)
+        self.clock = clock
         self._dsn, self._store = _persistence_target(enable_persistence, dsn, store)
         self._store_options = dict(store_options or {})
         # With a DSN the core is built on first use, once its store is open.
@@ -274,6 +281,7 @@ class SessionManager:
             cleanup_interval_secs=0,
             max_inflight=self.max_inflight,
             close_store=owns_store,
+            clock=self.clock,
         )
 
     # lifecycle (the original had none: every method starts the manager when it must)
@@ -404,11 +412,14 @@ class SessionManager:
             record = await core.update_activity(session_id, request_duration_ms=duration)
         _copy_record(record, session)
 
+    def _now(self) -> float:
+        return to_epoch_seconds(self.clock.now())
+
     def is_session_timed_out(self, session: Session) -> bool:
         """True when the session is closed or idle for ``session_timeout_secs`` or longer."""
         if session.closed:
             return True
-        return time.time() - session.last_activity >= self.session_timeout_secs
+        return self._now() - session.last_activity >= self.session_timeout_secs
 
     async def cleanup_stale_sessions(self) -> int:
         """Remove closed and timed-out sessions; return how many left ``list_ids()``.
@@ -437,7 +448,7 @@ class SessionManager:
     async def get_session_metrics(self) -> dict[str, Any]:
         """Counts and ages (seconds) of the sessions in memory, and ``persistence_enabled``."""
         await self._ready()
-        now = time.time()
+        now = self._now()
         sessions = list(self._sessions.values())
         ages = [now - session.created_at for session in sessions]
         return {

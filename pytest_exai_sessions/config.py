@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .clock import parse_instant
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,13 @@ OPTIONS = (
         env="EXAI_SESSIONS_CLONES_AHEAD",
         default="2",
     ),
+    Option(
+        "exai_clock",
+        "start every test's clock (exai_db_clock: the managers' and the database's) frozen at this instant, "
+        "a date or an ISO 8601 time with a UTC offset; the schema's partitions are created around it",
+        env="EXAI_SESSIONS_CLOCK",
+        shown_default="none: the real time",
+    ),
 )
 
 
@@ -101,6 +111,7 @@ class ExaiConfig:
     pg_startup_timeout: float = 30.0
     reuse: bool = False
     clones_ahead: int = 2
+    clock: datetime | None = None
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -163,7 +174,17 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
         pg_startup_timeout=_number("--exai-pg-startup-timeout", raw["exai_pg_startup_timeout"], float),
         reuse=_flag("EXAI_SESSIONS_REUSE", raw["exai_reuse"]),
         clones_ahead=_count("--exai-clones-ahead", raw["exai_clones_ahead"]),
+        clock=_instant("--exai-clock", raw["exai_clock"]),
     )
+
+
+def _instant(name: str, value: Any) -> datetime | None:
+    if not value or not str(value).strip():
+        return None
+    try:
+        return parse_instant(str(value))
+    except ValueError as error:
+        raise pytest.UsageError(f"{name}: {error}") from None
 
 
 def _count(name: str, value: Any) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 
 import psycopg
 
+from .clock import SYSTEM_CLOCK, Clock, ManualClock
 from .errors import ExaiSessionsError
 from .ledger import CrashReport, LedgerBook
 from .manager import SessionManager
@@ -44,7 +45,8 @@ class CrashHarness:
 
     With ``server`` (a TemporaryPostgres) it can also crash the database itself.
     ``unsupported`` is called with a reason when a database crash is asked of a server it
-    cannot restart (the pytest fixture passes ``pytest.skip``).
+    cannot restart (the pytest fixture passes ``pytest.skip``). ``clock``: the clock of the
+    managers it builds unless their options name one (the fixtures pass the test's clock).
     """
 
     def __init__(
@@ -53,15 +55,18 @@ class CrashHarness:
         server: PostgresServer | None = None,
         *,
         unsupported: Callable[[str], NoReturn] = _refuse,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.dsn = dsn
         self.server = server
+        self.clock = clock
         self._unsupported = unsupported
         self._managers: list[SessionManager] = []
 
     async def new_manager(self, manager_class: type[M] = SessionManager, **options: Any) -> M:  # type: ignore[assignment]
         """A started manager with a store of its own on this database."""
         store = await SessionStore.open(self.dsn)
+        options.setdefault("clock", self.clock)
         return await self._start(manager_class(store, close_store=True, **options))
 
     async def crash_and_restart(self, manager: M, **option_overrides: Any) -> M:
@@ -126,6 +131,7 @@ class CrashHarness:
             "workload": object_path(workload),
             "manager_class": object_path(manager_class),
             "options": options,
+            "clock": self.clock.value.isoformat() if isinstance(self.clock, ManualClock) and self.clock.value else None,
             "params": params or {},
             "ledger_fd": write_end,
         }

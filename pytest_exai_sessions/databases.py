@@ -19,12 +19,14 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from .clock import DbClock
 from .schema import Migration, apply_to_dsn
 from .server.connection import PostgresServer
 
@@ -93,11 +95,19 @@ class TestDatabases:
     __test__ = False  # not a test class, whatever its name says to pytest
 
     def __init__(
-        self, server: PostgresServer, *, prefix: str | None = None, template: str | None = None, ahead: int = 0
+        self,
+        server: PostgresServer,
+        *,
+        prefix: str | None = None,
+        template: str | None = None,
+        ahead: int = 0,
+        clock_start: datetime | None = None,
     ) -> None:
         """``template``: a template database that already exists (a cached cluster's); kept, not dropped.
 
         ``ahead``: how many clones to keep ready in the background (0: clone and drop in the caller).
+        ``clock_start``: the schema is applied as of this instant and every clone's clock starts
+        frozen at it (None: the real time).
         """
         if ahead < 0:
             raise ValueError(f"ahead must be 0 or more, got {ahead}")
@@ -106,6 +116,7 @@ class TestDatabases:
         self.prefix = prefix or "_".join(filter(None, ["exai", worker, secrets.token_hex(3)]))
         self.template = template or f"{self.prefix}_template"
         self.template_exists = template is not None
+        self.clock_start = clock_start
         self._numbers = itertools.count(1)
         self._admin: psycopg.Connection[Any] | None = None
         self._background = _Background(self, ahead) if ahead else None
@@ -157,16 +168,23 @@ class TestDatabases:
         )
 
     def create_template(self, migrations: list[Migration] | None = None) -> None:
-        """Create the template and apply every migration to it, once per server (not if it exists)."""
-        if self.template_exists:
-            return
-        janitor = self._janitor(self.template, as_template=True)
-        janitor.init()
-        try:
-            apply_to_dsn(self.server.dsn(self.template), migrations)
-        except BaseException:
-            janitor.drop()
-            raise
+        """Create the template and apply every migration to it, once per server (not if it exists).
+
+        Then set the template's clock to ``clock_start``, which every clone inherits. An
+        existing template (a cached one) gets it too: its clock is whatever the run that
+        built it had.
+        """
+        template_dsn = self.server.dsn(self.template)
+        if not self.template_exists:
+            janitor = self._janitor(self.template, as_template=True)
+            janitor.init()
+            try:
+                apply_to_dsn(template_dsn, migrations, as_of=self.clock_start)
+            except BaseException:
+                janitor.drop()
+                raise
+        if self.template_exists or self.clock_start is not None:
+            DbClock(template_dsn, start=self.clock_start).reset()
 
     def drop_template(self) -> None:
         try:

@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, Self
 
+from .clock import SYSTEM_CLOCK, Clock
 from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
 from .events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE, EventStore, SessionEvents, SessionLifecycle
-from .models import Event, Session, SessionState, check_duration_ms, check_session_id, utc_now
+from .models import Event, Session, SessionState, check_duration_ms, check_session_id
 from .store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,14 @@ class SessionManager:
         max_inflight: int = 8,
         close_store: bool = False,
         record_events: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        """``close_store=True`` makes ``aclose()`` close the store too (for a store opened just for it)."""
+        """``close_store=True`` makes ``aclose()`` close the store too (for a store opened just for it).
+
+        ``clock``: where every "now" of the manager comes from (``created_at``,
+        ``last_activity``, timeouts, ``expires_at``, cleanup): the real time by default, a
+        test's ``ManualClock`` or ``DbClock`` to move time without waiting.
+        """
         _require_positive("session_timeout_secs", session_timeout_secs)
         _require_positive("max_concurrent_sessions", max_concurrent_sessions)
         _require_positive("max_inflight", max_inflight)
@@ -60,6 +67,9 @@ class SessionManager:
             )
         if record_events and store is None:
             raise ValueError("record_events=True needs a store: the events are written to the database")
+        if not callable(getattr(clock, "now", None)):
+            raise TypeError(f"clock must have a now() method returning an aware datetime, got {clock!r}")
+        self.clock = clock
         self.store = store
         self.record_events = bool(record_events)
         self.events: EventStore | None = EventStore(store) if record_events and store is not None else None
@@ -87,6 +97,7 @@ class SessionManager:
             "cleanup_interval_secs": self.cleanup_interval_secs,
             "max_inflight": self.max_inflight,
             "record_events": self.record_events,
+            "clock": self.clock,
         }
 
     @property
@@ -169,7 +180,7 @@ class SessionManager:
     # time
 
     def _now(self) -> datetime:
-        return utc_now()
+        return self.clock.now()
 
     def _stale_before(self, now: datetime) -> datetime:
         return now - timedelta(seconds=self.session_timeout_secs)

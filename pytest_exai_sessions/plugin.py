@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import pwd
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from datetime import datetime
 from typing import Any, NoReturn
 
 import psycopg
@@ -20,7 +22,7 @@ from .databases import TestDatabases
 from .errors import ExaiSessionsError, MigrationError
 from .events import EventStore
 from .manager import SessionManager
-from .models import Session
+from .models import Session, utc_now
 from .recovery import compare_snapshots
 from .rls import ActingAs, as_role, as_service_role, as_user
 from .schema import load_migrations
@@ -43,7 +45,7 @@ MARKER = "exai_sessions"
 MANAGER_OPTIONS = tuple(
     name
     for name, parameter in inspect.signature(SessionManager.__init__).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "close_store"
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("close_store", "clock")
 )
 _CONFIG_KEY = pytest.StashKey[ExaiConfig]()
 
@@ -199,7 +201,8 @@ def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
             )
 
         if exai_config.reuse:
-            server = ClusterCache(make_server().basedir, load_migrations()).start(make_server, _build_cached_template)
+            cache = ClusterCache(make_server().basedir, load_migrations(), as_of=exai_config.clock or utc_now())
+            server = cache.start(make_server, functools.partial(_build_cached_template, clock_start=exai_config.clock))
         else:
             server = make_server().start()
     except ExaiSessionsError as error:
@@ -212,8 +215,8 @@ def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
         server.stop()
 
 
-def _build_cached_template(server: TemporaryPostgres) -> None:
-    TestDatabases(server, prefix=CACHED_PREFIX).create_template()
+def _build_cached_template(server: TemporaryPostgres, *, clock_start: datetime | None) -> None:
+    TestDatabases(server, prefix=CACHED_PREFIX, clock_start=clock_start).create_template()
 
 
 @pytest.fixture(scope="session")
@@ -221,7 +224,10 @@ def exai_databases(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> I
     """The template database with the unified schema (built once) and the factory of per-test clones."""
     cached = exai_config.reuse and not exai_pg_server.external
     databases = TestDatabases(
-        exai_pg_server, template=CACHED_TEMPLATE if cached else None, ahead=exai_config.clones_ahead
+        exai_pg_server,
+        template=CACHED_TEMPLATE if cached else None,
+        ahead=exai_config.clones_ahead,
+        clock_start=exai_config.clock,
     )
     failure: str | None = None
     try:
@@ -272,10 +278,10 @@ async def session_store(exai_dsn: str) -> AsyncIterator[SessionStore]:
 
 @pytest_asyncio.fixture
 async def session_manager_factory(
-    exai_dsn: str, exai_manager_options: dict[str, Any]
+    exai_dsn: str, exai_manager_options: dict[str, Any], exai_db_clock: DbClock
 ) -> AsyncIterator[Callable[..., Awaitable[SessionManager]]]:
     """``await session_manager_factory(**options)``: a started manager on this test's database (marker: defaults)."""
-    harness = CrashHarness(exai_dsn)
+    harness = CrashHarness(exai_dsn, clock=exai_db_clock)
 
     async def make(**options: Any) -> SessionManager:
         return await harness.new_manager(**{**exai_manager_options, **options})
@@ -299,9 +305,11 @@ def _skip(reason: str) -> NoReturn:
 
 
 @pytest_asyncio.fixture
-async def crash_harness(exai_dsn: str, exai_pg_server: PostgresServer) -> AsyncIterator[CrashHarness]:
+async def crash_harness(
+    exai_dsn: str, exai_pg_server: PostgresServer, exai_db_clock: DbClock
+) -> AsyncIterator[CrashHarness]:
     """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database()."""
-    harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip)
+    harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip, clock=exai_db_clock)
     try:
         yield harness
     finally:
@@ -316,9 +324,9 @@ async def event_store(exai_dsn: str) -> AsyncIterator[EventStore]:
 
 
 @pytest.fixture
-def exai_db_clock(exai_dsn: str) -> DbClock:
-    """This test's database clock: set("2027-03-15"), advance(days=1), reset(); connections opened later see it."""
-    return DbClock(exai_dsn)
+def exai_db_clock(exai_dsn: str, exai_config: ExaiConfig) -> DbClock:
+    """This test's clock, of its managers and its database: set("2027-03-15"), advance(days=1), reset(), now()."""
+    return DbClock(exai_dsn, start=exai_config.clock)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from .clock import SETTING as CLOCK_SETTING
 from .errors import MigrationError
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
@@ -122,13 +123,24 @@ def migration_status(conn: psycopg.Connection, migrations: list[Migration] | Non
     return [MigrationStatus(m, applied[m.version][2] if m.version in applied else None) for m in migrations]
 
 
-def apply_migrations(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> list[Migration]:
-    """Apply every pending migration in order; return those applied (empty when up to date)."""
+def apply_migrations(
+    conn: psycopg.Connection, migrations: list[Migration] | None = None, *, as_of: datetime | None = None
+) -> list[Migration]:
+    """Apply every pending migration in order; return those applied (empty when up to date).
+
+    ``as_of``: apply them as if it were that instant (an aware datetime), e.g. to create the
+    initial partitions around a test clock's month; the connection's clock is unset after.
+    """
     migrations = migrations or load_migrations()
+    if as_of is not None and (as_of.tzinfo is None or as_of.utcoffset() is None):
+        raise ValueError(f"as_of must be timezone-aware, got {as_of.isoformat()}")
     if not conn.autocommit:
         conn.rollback()
         conn.autocommit = True
     conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+    if as_of is not None:
+        # The session setting, not the table: the table is created by one of the migrations.
+        conn.execute("SELECT set_config(%s, %s, false)", (CLOCK_SETTING, as_of.isoformat()))
     try:
         with conn.transaction():
             _ensure_ledger(conn)
@@ -142,6 +154,8 @@ def apply_migrations(conn: psycopg.Connection, migrations: list[Migration] | Non
             done.append(migration)
         return done
     finally:
+        if as_of is not None:
+            conn.execute("SELECT set_config(%s, '', false)", (CLOCK_SETTING,))
         conn.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
 
 
@@ -177,7 +191,9 @@ def _explain(error: psycopg.Error, script: str) -> str:
     return "; ".join(parts)
 
 
-def apply_to_dsn(dsn: str, migrations: list[Migration] | None = None) -> list[Migration]:
+def apply_to_dsn(
+    dsn: str, migrations: list[Migration] | None = None, *, as_of: datetime | None = None
+) -> list[Migration]:
     """Connect to ``dsn``, apply pending migrations (default: the packaged ones), disconnect."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return apply_migrations(conn, migrations)
+        return apply_migrations(conn, migrations, as_of=as_of)

@@ -3,6 +3,7 @@
 import json
 import shutil
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -11,7 +12,11 @@ import pytest
 from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.schema import load_migrations, migrations_dir
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
-from pytest_exai_sessions.server.cache import CACHE_PREFIX, CACHED_PREFIX, CACHED_TEMPLATE, ClusterCache
+from pytest_exai_sessions.server.cache import CACHE_PREFIX, CACHED_PREFIX, CACHED_TEMPLATE, ClusterCache, cache_key
+
+# The instant the caches below are built as of: the cache is keyed by its month, so a
+# fixed one keeps these tests independent of the day they run on.
+AS_OF = datetime(2027, 1, 10, tzinfo=UTC)
 
 
 def caches(basedir):
@@ -39,7 +44,7 @@ INNER_TEST = textwrap.dedent(
 def test_a_second_run_starts_from_the_cache(pytester, basedir):
     pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
     pytester.makepyfile(INNER_TEST)
-    arguments = ["-p", "no:cacheprovider", "--exai-reuse", f"--exai-pg-basedir={basedir}"]
+    arguments = ["-p", "no:cacheprovider", "--exai-reuse", f"--exai-pg-basedir={basedir}", "--exai-clock=2027-01-10"]
 
     # Two xdist workers race to build the cache: the lock lets one build and both use it.
     pytester.makepyfile(test_second=INNER_TEST)
@@ -74,7 +79,7 @@ def tables(server):
 
 
 def test_a_changed_migration_rebuilds_the_cache(make_server, basedir, tmp_path):
-    first = ClusterCache(basedir, load_migrations())
+    first = ClusterCache(basedir, load_migrations(), as_of=AS_OF)
     server = first.start(make_server, build_with(load_migrations()))
     server.stop()
     (old,) = caches(basedir)
@@ -83,7 +88,7 @@ def test_a_changed_migration_rebuilds_the_cache(make_server, basedir, tmp_path):
     shutil.copytree(Path(str(migrations_dir())), changed)
     (changed / "900_audit.sql").write_text("CREATE TABLE IF NOT EXISTS public.audit (id int);")
     migrations = load_migrations(changed)
-    server = ClusterCache(basedir, migrations).start(make_server, build_with(migrations))
+    server = ClusterCache(basedir, migrations, as_of=AS_OF).start(make_server, build_with(migrations))
     try:
         assert "audit" in tables(server)
     finally:
@@ -94,7 +99,7 @@ def test_a_changed_migration_rebuilds_the_cache(make_server, basedir, tmp_path):
 
 @pytest.mark.parametrize("damage", ["no ready marker", "marker of another key", "data directory gone"])
 def test_an_incomplete_or_broken_cache_is_rebuilt_not_used(make_server, basedir, damage):
-    cache = ClusterCache(basedir, load_migrations())
+    cache = ClusterCache(basedir, load_migrations(), as_of=AS_OF)
     cache.start(make_server, build_with(None)).stop()
     (directory,) = caches(basedir)
     if damage == "no ready marker":
@@ -111,3 +116,65 @@ def test_an_incomplete_or_broken_cache_is_rebuilt_not_used(make_server, basedir,
         server.stop()
     (rebuilt,) = caches(basedir)
     assert json.loads((rebuilt / "ready.json").read_text())["template"] == CACHED_TEMPLATE
+
+
+# the months: the template's partitions are those of the months around the instant it was built as of
+
+
+def test_the_key_changes_with_the_month_and_only_with_it(make_server):
+    server, migrations = make_server(), load_migrations()
+
+    def key(*when):
+        return cache_key(server, migrations, datetime(*when, tzinfo=UTC))
+
+    assert key(2027, 1, 1) == key(2027, 1, 31, 23, 59, 59, 999999)
+    assert key(2027, 1, 31, 23, 59, 59, 999999) != key(2027, 2, 1)
+    assert key(2027, 12, 15) != key(2028, 12, 15)
+
+
+CLOCK_TEST = textwrap.dedent(
+    """
+    import json
+    import os
+
+    import psycopg
+
+    def test_an_event_lands_in_the_partition_of_its_month(exai_dsn, exai_db_clock):
+        with psycopg.connect(exai_dsn, autocommit=True) as conn:
+            now, partition = conn.execute(
+                "INSERT INTO unified.event_metric_events (event_type, event_category, source_system)"
+                " VALUES ('tick', 'clock', 'tests') RETURNING unified.clock_now(), tableoid::regclass::text"
+            ).fetchone()
+        with open(os.environ["EXAI_FACTS"], "a") as facts:
+            facts.write(json.dumps({"now": now.isoformat(), "partition": partition}) + "\\n")
+    """
+)
+
+
+def test_a_cached_template_follows_the_clock_into_a_later_month(pytester, basedir, tmp_path, monkeypatch):
+    """Run in January, again in January, then in June: the cache is used, then rebuilt for June."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(CLOCK_TEST)
+    facts = tmp_path / "facts.jsonl"
+    monkeypatch.setenv("EXAI_FACTS", str(facts))
+
+    def run(clock):
+        pytester.runpytest_subprocess(
+            "-p", "no:cacheprovider", "--exai-reuse", f"--exai-pg-basedir={basedir}", f"--exai-clock={clock}"
+        ).assert_outcomes(passed=1)
+        (cache,) = caches(basedir)
+        seen = json.loads(facts.read_text().splitlines()[-1])
+        return cache, (cache / "ready.json").stat().st_ino, seen
+
+    january, january_marker, first = run("2027-01-10T08:00:00Z")
+    same, same_marker, second = run("2027-01-20T08:00:00Z")
+    june, _, third = run("2027-06-15T08:00:00Z")
+
+    assert first == {"now": "2027-01-10T08:00:00+00:00", "partition": "unified.event_metric_events_y2027m01"}
+    # The same month: the cache is used as it is, and the clock is this run's.
+    assert (same, same_marker) == (january, january_marker)
+    assert second == {"now": "2027-01-20T08:00:00+00:00", "partition": "unified.event_metric_events_y2027m01"}
+    # Months later: built again, with June's partitions; the January cache is gone.
+    assert june != january
+    assert third == {"now": "2027-06-15T08:00:00+00:00", "partition": "unified.event_metric_events_y2027m06"}
+    assert clusters(basedir) == []

@@ -1,7 +1,7 @@
 """The database clock and everything that reads it: partitions, retention, views, triggers.
 
-``exai_db_clock`` sets ``unified.clock`` for this test's database; connections opened
-afterwards see it. So each step below that moves the clock opens a new connection.
+``exai_db_clock`` writes the row of ``unified.clock`` in this test's database, which every
+connection reads at its next statement.
 """
 
 import re
@@ -9,10 +9,11 @@ from datetime import UTC, date, datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from partitions import drop_monthly_partitions
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from pytest_exai_sessions import DbClock, apply_migrations
+from pytest_exai_sessions import DbClock, PersistenceError, apply_migrations
 from pytest_exai_sessions.clock import parse_instant
 
 PARTITION_NAME = re.compile(r"^event_metric_events_y(\d{4})m(\d{2})$")
@@ -61,20 +62,33 @@ def insert_event(conn, timestamp=None, **fields):
 # the fixture itself
 
 
-def test_set_moves_the_clock_for_new_connections_only(exai_dsn, exai_db_clock):
-    with connect(exai_dsn) as before:
+def test_set_moves_open_and_new_connections_at_once(exai_dsn, exai_db_clock):
+    with connect(exai_dsn) as opened_before:
         set_to = exai_db_clock.set("2027-03-15")
-        with connect(exai_dsn) as after:
-            seen_after = after.execute("SELECT unified.clock_now()").fetchone()[0]
-        real_now, seen_before = before.execute("SELECT now(), unified.clock_now()").fetchone()
-        assert seen_before == real_now  # opened before set(): still the real time...
-        exai_db_clock.apply(before)  # ...until it is brought up to date
-        assert before.execute("SELECT unified.clock_now()").fetchone()[0] == set_to
+        with connect(exai_dsn) as opened_after:
+            seen_after = opened_after.execute("SELECT unified.clock_now()").fetchone()[0]
+        seen_before = opened_before.execute("SELECT unified.clock_now()").fetchone()[0]
+        # Inside an open transaction too: read committed reads the row at each statement.
+        opened_before.execute("BEGIN")
+        exai_db_clock.advance(days=1)
+        seen_in_transaction = opened_before.execute("SELECT unified.clock_now()").fetchone()[0]
+        opened_before.execute("COMMIT")
 
     assert set_to == datetime(2027, 3, 15, tzinfo=UTC)
-    assert seen_after == set_to
-    assert exai_db_clock.now() == set_to
-    assert exai_db_clock.value == set_to
+    assert seen_after == seen_before == set_to
+    assert seen_in_transaction == set_to + timedelta(days=1)
+    assert exai_db_clock.now() == exai_db_clock.value == set_to + timedelta(days=1)
+
+
+@pytest.mark.asyncio
+async def test_an_open_async_connection_follows_too(exai_dsn, exai_db_clock):
+    async with await psycopg.AsyncConnection.connect(exai_dsn, autocommit=True) as conn:
+        exai_db_clock.set("2030-01-01")
+        assert await (await conn.execute("SELECT unified.clock_now()")).fetchone() == (
+            datetime(2030, 1, 1, tzinfo=UTC),
+        )
+        DbClock(exai_dsn).reset()  # a clock without a start instant: back to the real time
+        assert await (await conn.execute("SELECT unified.clock_now() = now()")).fetchone() == (True,)
 
 
 def test_the_clock_is_frozen_until_moved(exai_dsn, exai_db_clock):
@@ -82,55 +96,58 @@ def test_the_clock_is_frozen_until_moved(exai_dsn, exai_db_clock):
     with connect(exai_dsn) as conn:
         first = conn.execute("SELECT unified.clock_now()").fetchone()[0]
         second = conn.execute("SELECT unified.clock_now()").fetchone()[0]
-    assert first == second == datetime(2027, 3, 15, 10, tzinfo=UTC)
+    assert first == second == exai_db_clock.now() == datetime(2027, 3, 15, 10, tzinfo=UTC)
 
 
-def test_advance_and_reset(exai_dsn, exai_db_clock):
-    exai_db_clock.set(datetime(2027, 3, 15, 12, tzinfo=UTC))
-    assert exai_db_clock.advance(days=1, hours=2) == datetime(2027, 3, 16, 14, tzinfo=UTC)
-    assert exai_db_clock.advance(timedelta(minutes=-30)) == datetime(2027, 3, 16, 13, 30, tzinfo=UTC)
-    assert exai_db_clock.now() == datetime(2027, 3, 16, 13, 30, tzinfo=UTC)
+def test_advance_and_reset(exai_dsn):
+    clock = DbClock(exai_dsn)
+    clock.set(datetime(2027, 3, 15, 12, tzinfo=UTC))
+    assert clock.advance(days=1, hours=2) == datetime(2027, 3, 16, 14, tzinfo=UTC)
+    assert clock.advance(timedelta(minutes=-30)) == datetime(2027, 3, 16, 13, 30, tzinfo=UTC)
+    assert clock.now() == datetime(2027, 3, 16, 13, 30, tzinfo=UTC)
 
-    exai_db_clock.reset()
+    clock.reset()
     with connect(exai_dsn) as conn:
-        clock_now, now, setting = conn.execute(
-            "SELECT unified.clock_now(), now(), current_setting('unified.clock', true)"
+        clock_now, now, rows = conn.execute(
+            "SELECT unified.clock_now(), now(), (SELECT count(*) FROM unified.clock)"
         ).fetchone()
     assert clock_now == now
-    assert setting is None
-    assert exai_db_clock.value is None
+    assert rows == 0
+    assert clock.value is None
 
 
-def test_advance_without_a_set_clock_starts_from_the_database_time(exai_dsn, exai_db_clock):
+def test_reset_returns_to_the_start_instant(exai_dsn):
+    clock = DbClock(exai_dsn, start="2028-02-29T12:00:00Z")
+    clock.set("2031-01-01")
+    clock.reset()
     with connect(exai_dsn) as conn:
-        real = conn.execute("SELECT now()").fetchone()[0]
-    moved = exai_db_clock.advance(days=400)
-    assert timedelta(days=399) < moved - real < timedelta(days=401)
+        seen = conn.execute("SELECT unified.clock_now()").fetchone()[0]
+    assert seen == clock.now() == clock.value == datetime(2028, 2, 29, 12, tzinfo=UTC)
 
 
-@pytest.mark.asyncio
-async def test_apply_async_updates_an_open_async_connection(exai_dsn, exai_db_clock):
-    async with await psycopg.AsyncConnection.connect(exai_dsn, autocommit=True) as conn:
-        exai_db_clock.set("2030-01-01")
-        await exai_db_clock.apply_async(conn)
-        cur = await conn.execute("SELECT unified.clock_now()")
-        assert (await cur.fetchone())[0] == datetime(2030, 1, 1, tzinfo=UTC)
-        exai_db_clock.reset()
-        await exai_db_clock.apply_async(conn)
-        cur = await conn.execute("SELECT unified.clock_now() = now()")
-        assert (await cur.fetchone())[0] is True
+def test_advance_without_a_set_clock_starts_from_the_real_time(exai_dsn):
+    clock = DbClock(exai_dsn)
+    before = datetime.now(UTC)
+    moved = clock.advance(days=400)
+    after = datetime.now(UTC)
+    assert before + timedelta(days=400) <= moved <= after + timedelta(days=400)
+    with connect(exai_dsn) as conn:
+        assert conn.execute("SELECT unified.clock_now()").fetchone() == (moved,)
 
 
 def test_the_clock_is_per_database(exai_dsn, exai_db_clock, exai_databases):
-    exai_db_clock.set("2027-03-15")
+    exai_db_clock.set("1999-03-15")
     other = exai_databases.create_clone()
     try:
         with connect(exai_databases.server.dsn(other)) as conn:
-            assert conn.execute("SELECT unified.clock_now() = now()").fetchone() == (True,)
+            other_now, db_now = conn.execute("SELECT unified.clock_now(), now()").fetchone()
         with connect(exai_databases.server.dsn(exai_databases.template)) as conn:
-            assert conn.execute("SELECT current_setting('unified.clock', true)").fetchone() == (None,)
+            template_clock = conn.execute("SELECT frozen_at FROM unified.clock").fetchall()
     finally:
         exai_databases.drop(other)
+    # Both are where every database of this run starts: the run's start instant, else the real time.
+    assert other_now == (exai_db_clock.start or db_now)
+    assert template_clock == ([(exai_db_clock.start,)] if exai_db_clock.start else [])
 
 
 @pytest.mark.parametrize(
@@ -166,17 +183,61 @@ def test_bad_times_raise_and_set_nothing(exai_dsn, exai_db_clock, given, error, 
     assert exai_db_clock.value == datetime(2027, 3, 15, tzinfo=UTC)
 
 
-def test_a_non_superuser_gets_a_clear_error(exai_dsn, exai_db_clock):
+def test_a_role_without_the_grant_gets_a_clear_error_and_moves_nothing(exai_dsn, exai_db_clock):
+    exai_db_clock.set("2027-03-15")
     with connect(exai_dsn) as conn:
         conn.execute("CREATE ROLE exai_clock_nobody LOGIN")
         try:
             clock = DbClock(psycopg.conninfo.make_conninfo(exai_dsn, user="exai_clock_nobody"))
-            with pytest.raises(Exception, match="takes a superuser") as failure:
-                clock.set("2027-03-15")
-            assert type(failure.value).__name__ == "PersistenceError"
-            assert clock.value is None
+            for missing in ("schema unified", "table clock"):
+                with pytest.raises(PersistenceError, match=rf"permission denied for {missing}.*INSERT, UPDATE, DELETE"):
+                    clock.set("2030-01-01")
+                assert clock.value is None
+                assert conn.execute("SELECT unified.clock_now()").fetchone() == (datetime(2027, 3, 15, tzinfo=UTC),)
+                conn.execute("GRANT USAGE ON SCHEMA unified TO exai_clock_nobody")
+
+            conn.execute("GRANT INSERT, UPDATE, DELETE ON unified.clock TO exai_clock_nobody")
+            clock.set("2030-01-01")
+            assert conn.execute("SELECT unified.clock_now()").fetchone() == (datetime(2030, 1, 1, tzinfo=UTC),)
         finally:
+            conn.execute("DROP OWNED BY exai_clock_nobody")
             conn.execute("DROP ROLE exai_clock_nobody")
+
+
+def test_a_clock_that_cannot_reach_its_database_raises_and_stays(exai_dsn):
+    clock = DbClock(psycopg.conninfo.make_conninfo(exai_dsn, dbname="exai_no_such_database"))
+    with pytest.raises(PersistenceError, match="'exai_no_such_database'"):
+        clock.set("2027-03-15")
+    assert clock.value is None
+
+
+def test_the_session_setting_wins_over_the_table_on_its_connection(exai_dsn, exai_db_clock):
+    exai_db_clock.set("2027-03-15")
+    with connect(exai_dsn) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SET LOCAL unified.clock = '2040-01-01T00:00:00Z'")
+        inside = conn.execute("SELECT unified.clock_now()").fetchone()[0]
+        conn.execute("COMMIT")
+        after = conn.execute("SELECT unified.clock_now()").fetchone()[0]
+    assert inside == datetime(2040, 1, 1, tzinfo=UTC)
+    assert after == datetime(2027, 3, 15, tzinfo=UTC)
+
+
+def test_the_clock_table_holds_one_finite_instant_and_only_its_owner_moves_it(exai_dsn):
+    with connect(exai_dsn) as conn:
+        conn.execute("INSERT INTO unified.clock (frozen_at) VALUES ('2027-03-15+00') ON CONFLICT DO NOTHING")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("INSERT INTO unified.clock (only_row, frozen_at) VALUES (false, '2027-03-15+00')")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE unified.clock SET frozen_at = 'infinity'")
+        for role in ("anon", "authenticated", "service_role"):
+            conn.execute("BEGIN")
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            readable = conn.execute("SELECT unified.clock_now() IS NOT NULL").fetchone()
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("DELETE FROM unified.clock")
+            conn.execute("ROLLBACK")
+            assert readable == (True,), role
 
 
 # every "now" of the schema reads the clock
@@ -210,11 +271,17 @@ def test_no_function_or_default_of_the_schema_reads_now_directly(exai_dsn):
 
 
 def test_initial_partitions_follow_the_clock_when_the_schema_is_applied(empty_dsn):
-    DbClock(empty_dsn).set("2031-05-10")
     with connect(empty_dsn) as conn:
-        apply_migrations(conn)
+        apply_migrations(conn, as_of=datetime(2031, 5, 10, tzinfo=UTC))
         names = sorted(partitions(conn))
+        # The instant applied to the migrations only: afterwards the connection is back on the real time.
+        assert conn.execute("SELECT unified.clock_now() = now()").fetchone() == (True,)
     assert names == [f"event_metric_events_y2031m{m:02d}" for m in range(4, 9)]
+
+
+def test_migrations_as_of_a_naive_instant_are_refused(empty_dsn):
+    with connect(empty_dsn) as conn, pytest.raises(ValueError, match="timezone-aware"):
+        apply_migrations(conn, as_of=datetime(2031, 5, 10))
 
 
 def test_inserts_land_in_the_month_of_the_clock_across_years(exai_dsn, exai_db_clock):
@@ -237,6 +304,7 @@ def test_inserts_land_in_the_month_of_the_clock_across_years(exai_dsn, exai_db_c
 def test_explicit_timestamps_route_to_their_month_or_the_default_partition(exai_dsn, exai_db_clock):
     exai_db_clock.set("2027-03-15")
     with connect(exai_dsn) as conn:
+        drop_monthly_partitions(conn)
         for month in ("2026-12-15", "2027-06-15", "2029-02-15"):
             conn.execute("SELECT unified.create_monthly_partition(%s::timestamptz)", (month + "T00:00Z",))
         where = {
@@ -260,6 +328,8 @@ def test_explicit_timestamps_route_to_their_month_or_the_default_partition(exai_
 def test_creating_next_months_partition_is_idempotent(exai_dsn, exai_db_clock):
     exai_db_clock.set("2027-12-20T18:00:00Z")
     with connect(exai_dsn) as conn:
+        drop_monthly_partitions(conn)
+        conn.execute("SELECT unified.create_monthly_partition()")
         before = partitions(conn)
         insert_event(conn, "2028-01-05T00:00:00Z")  # waiting in the default partition
         next_month = "SELECT unified.create_monthly_partition(unified.clock_now() + interval '1 month')"

@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from partitions import drop_monthly_partitions
 from psycopg import sql
 from pydantic import ValidationError
 
@@ -82,12 +83,15 @@ async def test_record_returns_the_row_as_stored(event_store, exai_dsn):
 
 
 @pytest.mark.asyncio
-async def test_the_timestamp_defaults_to_the_database_clock(exai_dsn, exai_db_clock):
-    exai_db_clock.set(T0)
-    # Opened after set(): the pool's connections see the clock.
-    async with await EventStore.open(exai_dsn) as store:
-        stamped = await store.record(event())
-        explicit = await store.record(event(event_timestamp=datetime(2020, 1, 2, tzinfo=UTC)))
+async def test_the_timestamp_defaults_to_the_database_clock(exai_dsn, exai_db_clock, event_store):
+    with psycopg.connect(exai_dsn, autocommit=True) as conn:
+        drop_monthly_partitions(conn)
+        exai_db_clock.set(T0)
+        # Made by the clock: March 2027, whatever month the test runs in.
+        conn.execute("SELECT unified.create_monthly_partition()")
+    # event_store's pool was opened before set(): it follows the clock at once.
+    stamped = await event_store.record(event())
+    explicit = await event_store.record(event(event_timestamp=datetime(2020, 1, 2, tzinfo=UTC)))
     partitions = await rows(
         exai_dsn, "SELECT event_timestamp, tableoid::regclass::text FROM unified.event_metric_events ORDER BY 1"
     )
@@ -97,7 +101,7 @@ async def test_the_timestamp_defaults_to_the_database_clock(exai_dsn, exai_db_cl
     assert explicit.created_at == T0
     assert partitions == [
         (datetime(2020, 1, 2, tzinfo=UTC), "unified.event_metric_events_default"),
-        (T0, "unified.event_metric_events_default"),  # no partition for March 2027 was created
+        (T0, "unified.event_metric_events_y2027m03"),
     ]
 
 

@@ -59,6 +59,7 @@ FLAGS = (
     "--exai-pg-startup-timeout",
     "--exai-reuse",
     "--exai-clones-ahead",
+    "--exai-clock",
 )
 # A DSN that fails at once if anything uses it: no server has a socket there.
 UNUSABLE_DSN = "host=/nonexistent/exai-socket-dir port=1 user=nobody dbname=nowhere"

@@ -1,8 +1,10 @@
 """A cluster with the template database kept between pytest runs (``--exai-reuse``).
 
 Unlike pytest-django's ``--reuse-db``, the cache is keyed by everything that shapes it:
-the PostgreSQL version and binaries, the server settings and user, and the checksum of
-every migration. A changed migration gives a new key, so the cache is rebuilt by itself.
+the PostgreSQL version and binaries, the server settings and user, the checksum of
+every migration, and the month the template was built in (the migrations create the
+partitions of the months around it). A changed migration or a new month gives a new key,
+so the cache is rebuilt by itself.
 Each run starts from a copy, never from the cache itself, so concurrent runs and xdist
 workers cannot corrupt it; building and copying happen under one file lock. A cache that
 is incomplete (a build that died half-way) or does not start is removed and rebuilt.
@@ -18,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..schema import Migration
@@ -29,7 +32,9 @@ CACHED_TEMPLATE = f"{CACHED_PREFIX}_template"  # what TestDatabases(prefix=CACHE
 _FORMAT = 1  # bump when the layout of a cache changes
 
 
-def cache_key(server: TemporaryPostgres, migrations: list[Migration]) -> str:
+def cache_key(server: TemporaryPostgres, migrations: list[Migration], as_of: datetime) -> str:
+    """``as_of``: the instant the template's schema is applied as of; its UTC month is part of the
+    key, since the migrations create the partitions of the months around it."""
     parts = {
         "format": _FORMAT,
         "version": server.version,
@@ -38,6 +43,7 @@ def cache_key(server: TemporaryPostgres, migrations: list[Migration]) -> str:
         "os_user": server.os_user.name if server.os_user else None,
         "superuser": server.user,
         "migrations": [(m.version, m.checksum) for m in migrations],
+        "partition_month": as_of.astimezone(UTC).strftime("%Y-%m"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -55,9 +61,11 @@ def _locked(basedir: Path) -> Iterator[None]:
 class ClusterCache:
     """One cached cluster per base directory; a new configuration replaces the old one."""
 
-    def __init__(self, basedir: Path, migrations: list[Migration]) -> None:
+    def __init__(self, basedir: Path, migrations: list[Migration], *, as_of: datetime) -> None:
+        """``as_of``: the instant the template is built as of (the test clock's start, else now)."""
         self.basedir = basedir
         self.migrations = migrations
+        self.as_of = as_of
 
     def _directory(self, key: str) -> Path:
         return self.basedir / f"{CACHE_PREFIX}{key}"
@@ -75,7 +83,7 @@ class ClusterCache:
         """A started server whose cluster already holds ``CACHED_TEMPLATE``, from the cache if it is valid."""
         with _locked(self.basedir):
             server = make_server()
-            key = cache_key(server, self.migrations)
+            key = cache_key(server, self.migrations, self.as_of)
             directory = self._directory(key)
             if not self._is_complete(directory, key):
                 self._rebuild(make_server, build_template, key)
