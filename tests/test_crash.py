@@ -73,12 +73,12 @@ async def test_a_write_after_the_snapshot_is_reported_as_a_difference(session_ma
 
 
 @pytest.mark.asyncio
-async def test_timed_out_and_removed_sessions_do_not_come_back(session_manager_factory, crash_harness):
-    manager = await session_manager_factory(session_timeout_secs=1, cleanup_interval_secs=0)
+async def test_timed_out_and_removed_sessions_do_not_come_back(session_manager_factory, crash_harness, exai_db_clock):
+    manager = await session_manager_factory(session_timeout_secs=60, cleanup_interval_secs=0)
     await manager.ensure("removed")
     await manager.ensure("idle")
     await manager.remove("removed")
-    await asyncio.sleep(1.1)
+    exai_db_clock.advance(seconds=61)
     await manager.ensure("fresh")
 
     recovered = await crash_harness.crash_and_restart(manager)

@@ -19,7 +19,6 @@ from pytest_exai_sessions import (
     SessionManager,
 )
 from pytest_exai_sessions.events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE
-from pytest_exai_sessions.models import utc_now
 
 T0 = datetime(2027, 3, 15, 12, 0, tzinfo=UTC)
 
@@ -289,7 +288,7 @@ async def test_the_manager_records_created_expired_and_removed(session_manager_f
         pass
     await manager.remove("a")
     await manager.remove("never-existed")  # nothing removed, nothing recorded
-    await manager.update("b", expires_at=utc_now())
+    await manager.update("b", expires_at=manager.clock.now())
     assert await manager.cleanup_stale_sessions() == 1
 
     assert recovered_at_start == [lifecycle_row(SessionLifecycle.RECOVERED, metrics={"sessions": 0})]
@@ -378,7 +377,7 @@ async def test_a_failed_removed_event_removes_nothing(session_manager_factory, e
 async def test_a_failed_expired_event_expires_nothing(session_manager_factory, exai_dsn):
     manager = await session_manager_factory(record_events=True)
     await manager.ensure("a")
-    await manager.update("a", expires_at=utc_now())
+    await manager.update("a", expires_at=manager.clock.now())
     await block_event_type(exai_dsn, "session.expired")
 
     with pytest.raises(PersistenceError, match="expiring 1 sessions failed"):

@@ -15,6 +15,7 @@ import pytest_asyncio
 from psycopg.rows import dict_row
 
 from pytest_exai_sessions import (
+    ManualClock,
     SessionLimitExceeded,
     SessionManager,
     SessionNotFound,
@@ -22,7 +23,6 @@ from pytest_exai_sessions import (
     UserType,
     assert_full_recovery,
 )
-from pytest_exai_sessions.models import utc_now
 
 METRIC_KEYS = {
     "total_sessions",
@@ -34,15 +34,23 @@ METRIC_KEYS = {
 }
 
 
+@pytest.fixture
+def clock(persistence, request, exai_config):
+    """The managers' clock: the test's database clock, or a clock of its own for "memory"."""
+    if persistence is not None:
+        return request.getfixturevalue("exai_db_clock")
+    return ManualClock(start=exai_config.clock)
+
+
 @pytest_asyncio.fixture
-async def make_manager(persistence):
-    """``await make_manager(**options)``: a started manager, persistent or in memory only."""
+async def make_manager(persistence, clock):
+    """``await make_manager(**options)``: a started manager, persistent or in memory only, on ``clock``."""
     in_memory = []
 
     async def make(**options):
         if persistence is not None:
             return await persistence(**options)
-        manager = await SessionManager(None, **options).start()
+        manager = await SessionManager(None, clock=clock, **options).start()
         in_memory.append(manager)
         return manager
 
@@ -88,9 +96,9 @@ async def test_ensure_without_an_id_creates_a_new_random_one(make_manager):
 
 
 @pytest.mark.asyncio
-async def test_ensure_applies_attributes_only_when_it_creates(make_manager):
+async def test_ensure_applies_attributes_only_when_it_creates(make_manager, clock):
     manager = await make_manager()
-    expires = utc_now() + timedelta(days=1)
+    expires = clock.now() + timedelta(days=1)
 
     created = await manager.ensure(
         "s1",
@@ -160,10 +168,10 @@ async def test_remove_forgets_the_session_and_ignores_unknown_ids(make_manager):
 
 
 @pytest.mark.asyncio
-async def test_update_replaces_the_given_fields_and_keeps_the_others(make_manager):
+async def test_update_replaces_the_given_fields_and_keeps_the_others(make_manager, clock):
     manager = await make_manager()
     before = await manager.ensure("s1", user_id="alice", data={"a": 1, "b": 2}, metadata={"m": 1})
-    await asyncio.sleep(0.002)  # let the clock move, to see last_activity change
+    clock.advance(seconds=2)  # to see last_activity change
 
     after = await manager.update("s1", data={"c": 3}, ip_address="2001:db8::1")
 
@@ -186,10 +194,10 @@ async def test_update_with_an_empty_object_clears_it(make_manager):
 
 
 @pytest.mark.asyncio
-async def test_update_activity_counts_a_request_and_its_duration(make_manager):
+async def test_update_activity_counts_a_request_and_its_duration(make_manager, clock):
     manager = await make_manager()
     created = await manager.ensure("s1")
-    await asyncio.sleep(0.002)
+    clock.advance(seconds=2)
 
     await manager.update_activity("s1", request_duration_ms=10)
     await manager.update_activity("s1", 5)
@@ -334,13 +342,14 @@ async def test_concurrent_ensures_of_one_id_give_one_session(make_manager):
 
 
 @pytest.mark.asyncio
-async def test_an_idle_session_times_out_and_a_fresh_one_replaces_it(make_manager):
-    manager = await make_manager(session_timeout_secs=1)
+async def test_an_idle_session_times_out_and_a_fresh_one_replaces_it(make_manager, clock):
+    manager = await make_manager(session_timeout_secs=60)
     old = await manager.ensure("s1", data={"step": 1})
     await manager.update_activity("s1", 7)
+    clock.advance(seconds=59)
     assert not manager.is_session_timed_out(old)
 
-    await asyncio.sleep(1.1)
+    clock.advance(seconds=2)
 
     assert manager.is_session_timed_out(old)
     metrics = await manager.get_session_metrics()
@@ -358,11 +367,11 @@ async def test_an_idle_session_times_out_and_a_fresh_one_replaces_it(make_manage
 
 
 @pytest.mark.asyncio
-async def test_a_session_past_expires_at_is_timed_out(make_manager):
+async def test_a_session_past_expires_at_is_timed_out(make_manager, clock):
     manager = await make_manager()
     await manager.ensure("s1")
 
-    expired = await manager.update("s1", expires_at=utc_now())
+    expired = await manager.update("s1", expires_at=clock.now())
 
     assert manager.is_session_timed_out(expired)
     assert await manager.get("s1") is None
@@ -397,19 +406,20 @@ async def test_metrics_of_an_empty_manager(make_manager, persistence):
 
 
 @pytest.mark.asyncio
-async def test_metrics_count_and_age_the_sessions_in_memory(make_manager):
+async def test_metrics_count_and_age_the_sessions_in_memory(make_manager, clock):
     manager = await make_manager()
+    clock.set("2028-02-29T12:00:00Z")
     await manager.ensure("old")
-    await asyncio.sleep(0.01)
+    clock.advance(seconds=10)
     await manager.ensure("new")
+    clock.advance(seconds=5)
 
     metrics = await manager.get_session_metrics()
 
     assert set(metrics) == METRIC_KEYS
     assert (metrics["total_sessions"], metrics["active_sessions"]) == (2, 2)
-    oldest, newest, average = metrics["oldest_session_age"], metrics["newest_session_age"], metrics["avg_session_age"]
-    assert oldest > newest >= 0
-    assert average == pytest.approx((oldest + newest) / 2)
+    ages = metrics["oldest_session_age"], metrics["newest_session_age"], metrics["avg_session_age"]
+    assert ages == (15, 5, 10)
 
 
 # -- lifecycle and options
@@ -491,15 +501,16 @@ async def test_a_row_written_by_another_tool_loads_with_the_column_defaults(sess
     [
         "session_state = 'expired'",
         "session_state = 'inactive'",
-        "last_activity_at = now() - interval '2 hours'",  # past the default timeout of 3600 s
-        "expires_at = now() - interval '1 second'",
+        "last_activity_at = unified.clock_now() - interval '2 hours'",  # past the default timeout of 3600 s
+        "expires_at = unified.clock_now() - interval '1 second'",
     ],
 )
-async def test_ensure_restarts_a_dead_row_under_the_same_id(session_manager, exai_dsn, dead_row):
+async def test_ensure_restarts_a_dead_row_under_the_same_id(session_manager, exai_dsn, exai_db_clock, dead_row):
+    exai_db_clock.set("2027-03-15T12:00:00Z")
     await execute(
         exai_dsn,
         "INSERT INTO public.sessions (session_id, user_id, session_data, request_count, total_duration_ms, created_at)"
-        " VALUES ('old', 'previous-user', '{\"cart\": [1]}', 7, 700, now() - interval '1 day')",
+        " VALUES ('old', 'previous-user', '{\"cart\": [1]}', 7, 700, unified.clock_now() - interval '1 day')",
     )
     await execute(exai_dsn, f"UPDATE public.sessions SET {dead_row} WHERE session_id = 'old'")
     assert await session_manager.get("old") is None  # get() neither loads nor revives it
@@ -509,7 +520,7 @@ async def test_ensure_restarts_a_dead_row_under_the_same_id(session_manager, exa
     assert fresh.state is SessionState.ACTIVE
     assert (fresh.user_id, fresh.data, fresh.expires_at) == ("new-user", {}, None)
     assert (fresh.request_count, fresh.total_duration_ms) == (0, 0)
-    assert fresh.created_at > utc_now() - timedelta(minutes=1)
+    assert fresh.created_at == exai_db_clock.now()
     row = await fetch_row(exai_dsn, "old")
     assert (row["session_state"], row["user_id"], row["request_count"]) == ("active", "new-user", 0)
     assert row["created_at"] == fresh.created_at
@@ -602,7 +613,8 @@ async def test_recovery_skips_rows_that_are_not_live(session_manager, session_ma
         )
     await execute(
         exai_dsn,
-        "INSERT INTO public.sessions (session_id, last_activity_at) VALUES ('idle', now() - interval '2 hours')",
+        "INSERT INTO public.sessions (session_id, last_activity_at)"
+        " VALUES ('idle', unified.clock_now() - interval '2 hours')",
     )
 
     restarted = await session_manager_factory()
@@ -611,14 +623,16 @@ async def test_recovery_skips_rows_that_are_not_live(session_manager, session_ma
 
 
 @pytest.mark.asyncio
-async def test_cleanup_expires_rows_but_not_one_another_manager_just_used(session_manager_factory, exai_dsn):
-    this = await session_manager_factory(session_timeout_secs=1)
+async def test_cleanup_expires_rows_but_not_one_another_manager_just_used(
+    session_manager_factory, exai_dsn, exai_db_clock
+):
+    this = await session_manager_factory(session_timeout_secs=60)
     await this.ensure("idle")
     await this.ensure("busy")
-    other = await session_manager_factory(session_timeout_secs=1)
-    await asyncio.sleep(0.7)
+    other = await session_manager_factory(session_timeout_secs=60)
+    exai_db_clock.advance(seconds=40)
     await other.update_activity("busy")
-    await asyncio.sleep(0.7)  # "idle" is 1.4 s idle; "busy" was used 0.7 s ago, but not here
+    exai_db_clock.advance(seconds=40)  # "idle" is 80 s idle; "busy" was used 40 s ago, but not here
 
     assert await this.cleanup_stale_sessions() == 2
 
@@ -650,7 +664,9 @@ async def test_timestamps_are_utc_and_round_trip_to_the_microsecond(session_mana
 
 
 @pytest.mark.asyncio
-async def test_what_is_in_memory_is_exactly_what_a_reload_returns(session_manager, session_manager_factory):
+async def test_what_is_in_memory_is_exactly_what_a_reload_returns(
+    session_manager, session_manager_factory, exai_db_clock
+):
     await session_manager.ensure(
         "rich",
         user_id="ü-user",
@@ -664,7 +680,7 @@ async def test_what_is_in_memory_is_exactly_what_a_reload_returns(session_manage
             "nested": {"list": [None, True, {"deep": []}]},
         },
         metadata={"schema_version": 1, "tags": ["a", "b"]},
-        expires_at=utc_now() + timedelta(hours=1),
+        expires_at=exai_db_clock.now() + timedelta(hours=1),
     )
     await session_manager.update_activity("rich", 250)
     await session_manager.ensure("plain")

@@ -384,8 +384,22 @@ def test_the_marker_is_registered_and_documented(pytester: pytest.Pytester) -> N
         (["--exai-pg-os-user=no-such-user-exai"], "ERROR: *'no-such-user-exai' * does not exist*"),
         (["--exai-clones-ahead=some"], "ERROR: --exai-clones-ahead expects a number, got 'some'"),
         (["--exai-clones-ahead=-1"], "ERROR: --exai-clones-ahead expects 0 or more, got '-1'"),
+        (["--exai-clock=2027-03-15T12:00"], "ERROR: --exai-clock: 2027-03-15T12:00:00 has no UTC offset*"),
+        (["--exai-clock=next week"], "ERROR: --exai-clock: 'next week' is not an ISO 8601 date or timestamp*"),
     ],
-    ids=["pg-bin", "dsn-syntax", "port", "timeout", "setting", "basedir", "os-user", "ahead", "ahead-negative"],
+    ids=[
+        "pg-bin",
+        "dsn-syntax",
+        "port",
+        "timeout",
+        "setting",
+        "basedir",
+        "os-user",
+        "ahead",
+        "ahead-negative",
+        "clock-naive",
+        "clock-text",
+    ],
 )
 def test_a_bad_option_is_one_usage_error_before_any_test_runs(
     args: list[str], message: str, pytester: pytest.Pytester
