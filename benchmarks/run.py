@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def cold_start(basedir: Path | None, repeat: int) -> list[Figure]:
     def build(server: TemporaryPostgres) -> None:
         TestDatabases(server, prefix=CACHED_PREFIX).create_template()
 
-    cache = ClusterCache(cache_dir, load_migrations())
+    cache = ClusterCache(cache_dir, load_migrations(), as_of=datetime.now(UTC))
     cache.start(make_server, build).stop()  # the first run builds the cache
 
     def warm_start() -> None:

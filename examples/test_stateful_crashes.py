@@ -50,5 +50,6 @@ class ShopCrashMachine(SessionCrashMachine):
 
 # A plain (synchronous) test: the machine runs its own event loop, and kills the database
 # only on the plugin's temporary server (with --exai-dsn those steps are left out).
-def test_shop_sessions_survive_random_crashes(exai_dsn, exai_pg_server):
-    run_crash_machine(ShopCrashMachine, exai_dsn, exai_pg_server)
+def test_shop_sessions_survive_random_crashes(exai_dsn, exai_pg_server, exai_db_clock):
+    # clock=: the managers read the test's clock, as the database does.
+    run_crash_machine(ShopCrashMachine, exai_dsn, exai_pg_server, clock=exai_db_clock)

@@ -152,8 +152,9 @@ class DbClock(ManualClock):
                         (instant,),
                     )
         except psycopg.errors.InsufficientPrivilege as error:
+            reason = error.diag.message_primary
             raise PersistenceError(
-                f"cannot move the clock of {_database(self.dsn)}: {error.diag.message_primary}; moving it takes USAGE on the schema "
+                f"cannot move the clock of {_database(self.dsn)}: {reason}; moving it takes USAGE on the schema "
                 "unified and INSERT, UPDATE, DELETE ON unified.clock (its owner has them)"
             ) from error
         except psycopg.Error as error:

@@ -48,6 +48,7 @@ from hypothesis.stateful import (
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
+from .clock import SYSTEM_CLOCK, Clock
 from .crash import CrashHarness
 from .errors import SessionLimitExceeded, SessionNotFound
 from .manager import SessionManager
@@ -391,6 +392,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
     # Set by run_crash_machine; or set them on a subclass and use its TestCase.
     dsn: ClassVar[str | None] = None
     server: ClassVar[PostgresServer | None] = None
+    clock: ClassVar[Clock] = SYSTEM_CLOCK  # the managers' (e.g. the exai_db_clock fixture)
 
     def __init__(self) -> None:
         super().__init__()
@@ -402,7 +404,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
         self.database_crash_count = 0
         try:
             self.reset_database(self.admin())
-            self.harness = CrashHarness(self.dsn, self.server)
+            self.harness = CrashHarness(self.dsn, self.server, clock=self.clock)
             self.manager = self.run(self.make_manager())
             self.model = self.make_model(self.manager)
         except BaseException:
@@ -648,11 +650,14 @@ def run_crash_machine(
     server: PostgresServer | None = None,
     *,
     settings: hypothesis.settings | None = None,
+    clock: Clock | None = None,
 ) -> None:
     """Run ``machine_class`` on the database ``dsn`` (e.g. the ``exai_dsn`` fixture).
 
     ``server`` (the ``exai_pg_server`` fixture) enables the database crashes when it is the
     plugin's temporary server. ``settings`` default to ``machine_class.hypothesis_settings()``.
+    ``clock``: the managers' clock (pass the ``exai_db_clock`` fixture, so that they and the
+    database read one time); default: the machine class's, the real time.
     Call it from a synchronous test: the machine runs its own event loop. A failure raises
     the error with the shrunk sequence of steps that caused it.
     """
@@ -667,6 +672,7 @@ def run_crash_machine(
             "__doc__": machine_class.__doc__,
             "dsn": dsn,
             "server": server,
+            "clock": clock or machine_class.clock,
         },
     )
     run_state_machine_as_test(

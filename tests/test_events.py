@@ -275,20 +275,31 @@ def lifecycle_row(event_type, session_id=None, user_id=None, data=None, metrics=
 
 
 @pytest.mark.asyncio
-async def test_the_manager_records_created_expired_and_removed(session_manager_factory, exai_dsn):
+async def test_the_manager_records_created_expired_and_removed(session_manager_factory, exai_dsn, exai_db_clock):
+    # Events are listed in the order of their timestamps: the clock moves a second per step.
+    exai_db_clock.set(T0)
     manager = await session_manager_factory(record_events=True)
     recovered_at_start = await lifecycle(exai_dsn)
 
-    await manager.ensure("a", user_id="alice")
-    await manager.ensure("a")  # exists: nothing new
-    await manager.ensure("b")
-    await manager.update_activity("a", request_duration_ms=5)  # the hot path records nothing
-    await manager.update("a", data={"step": 2})
-    async with manager.request("a"):
-        pass
-    await manager.remove("a")
-    await manager.remove("never-existed")  # nothing removed, nothing recorded
-    await manager.update("b", expires_at=manager.clock.now())
+    async def a_request():
+        async with manager.request("a"):
+            pass
+
+    steps = [
+        lambda: manager.ensure("a", user_id="alice"),
+        lambda: manager.ensure("a"),  # exists: nothing new
+        lambda: manager.ensure("b"),
+        lambda: manager.update_activity("a", request_duration_ms=5),  # the hot path records nothing
+        lambda: manager.update("a", data={"step": 2}),
+        a_request,
+        lambda: manager.remove("a"),
+        lambda: manager.remove("never-existed"),  # nothing removed, nothing recorded
+        lambda: manager.update("b", expires_at=exai_db_clock.now()),
+    ]
+    for step in steps:
+        exai_db_clock.advance(seconds=1)
+        await step()
+    exai_db_clock.advance(seconds=1)
     assert await manager.cleanup_stale_sessions() == 1
 
     assert recovered_at_start == [lifecycle_row(SessionLifecycle.RECOVERED, metrics={"sessions": 0})]
@@ -315,11 +326,14 @@ async def test_an_expired_id_used_again_is_recorded_as_created_again(session_man
 
 
 @pytest.mark.asyncio
-async def test_a_restart_records_one_recovery_event_with_the_count(session_manager_factory, crash_harness, exai_dsn):
+async def test_a_restart_records_one_recovery_event_with_the_count(
+    session_manager_factory, crash_harness, exai_dsn, exai_db_clock
+):
     manager = await session_manager_factory(record_events=True)
     for number in range(25):
         await manager.ensure(f"s{number}")
 
+    exai_db_clock.advance(seconds=1)  # the events are listed in the order of their timestamps
     restarted = await crash_harness.crash_and_restart(manager)
 
     recoveries = await rows(

@@ -13,11 +13,11 @@ from pytest_exai_sessions.crash import CrashHarness
 from pytest_exai_sessions.stateful import SessionCrashMachine, SessionModel, run_crash_machine
 
 
-def test_the_manager_keeps_every_acknowledged_write_through_random_crashes(exai_dsn, exai_pg_server):
+def test_the_manager_keeps_every_acknowledged_write_through_random_crashes(exai_dsn, exai_pg_server, exai_db_clock):
     # Random create / update_activity / update / remove / request / get / cleanup, with
     # crash_and_restart and database kills in between; after each crash the recovered
     # sessions and the rows of public.sessions equal the model field for field.
-    run_crash_machine(SessionCrashMachine, exai_dsn, exai_pg_server)
+    run_crash_machine(SessionCrashMachine, exai_dsn, exai_pg_server, clock=exai_db_clock)
 
 
 # A bug on purpose, the one the seed had: requests counted in memory only.
