@@ -4,9 +4,9 @@ A ``SessionManager`` reads the time from one injectable ``Clock``: ``SYSTEM_CLOC
 real time) in production, a ``ManualClock`` in a test. ``DbClock`` is a ``ManualClock``
 that moves one database along with it: every "now" of the schema (partition creation,
 retention, the materialized views' windows, timestamp defaults, the ``updated_at``
-triggers) reads ``unified.clock_now()``, which returns the row of the table
-``unified.clock`` while it holds one. Each connection reads that row at its next
-statement, so moving the clock reaches open connections and pools at once.
+triggers) reads ``unified.clock_now()``, whose body ``unified.set_clock()`` rewrites to
+return the frozen instant. Each connection sees the new body from its next transaction,
+so moving the clock reaches open connections and pools at once.
 
 A set clock is frozen: it reads the same instant until it is moved again.
 """
@@ -21,7 +21,7 @@ import psycopg
 
 from .errors import PersistenceError
 
-SETTING = "unified.clock"  # the session setting clock_now() reads before the table
+SETTING = "unified.clock"  # the session setting clock_now() reads first, on one connection
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -130,10 +130,10 @@ class ManualClock:
 class DbClock(ManualClock):
     """A ``ManualClock`` that moves the database ``dsn`` names with it.
 
-    Moving it writes the row of ``unified.clock`` (``reset()`` to the real time deletes it),
-    which every connection to that database reads at its next statement. That takes USAGE
-    on the schema and INSERT, UPDATE and DELETE on ``unified.clock``: its owner (whoever
-    applied the schema) has them; other roles get a ``PersistenceError`` saying so.
+    Moving it calls ``unified.set_clock()``, which rewrites the body of
+    ``unified.clock_now()``: every connection to that database, open or new, reads the new
+    time from its next transaction. That takes the role that applied the schema (the owner
+    of ``clock_now()``, with CREATE on ``unified``); other roles get a ``PersistenceError``.
     """
 
     def __init__(self, dsn: str, *, start: datetime | date | str | None = None) -> None:
@@ -143,19 +143,12 @@ class DbClock(ManualClock):
     def _move(self, instant: datetime | None) -> None:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
-                if instant is None:
-                    conn.execute("DELETE FROM unified.clock")
-                else:
-                    conn.execute(
-                        "INSERT INTO unified.clock (frozen_at) VALUES (%s)"
-                        " ON CONFLICT (only_row) DO UPDATE SET frozen_at = EXCLUDED.frozen_at",
-                        (instant,),
-                    )
+                conn.execute("SELECT unified.set_clock(%s)", (instant,))
         except psycopg.errors.InsufficientPrivilege as error:
             reason = error.diag.message_primary
             raise PersistenceError(
-                f"cannot move the clock of {_database(self.dsn)}: {reason}; moving it takes USAGE on the schema "
-                "unified and INSERT, UPDATE, DELETE ON unified.clock (its owner has them)"
+                f"cannot move the clock of {_database(self.dsn)}: {reason}; moving it takes the role that applied "
+                "the schema (the owner of unified.clock_now(), with CREATE on the schema unified)"
             ) from error
         except psycopg.Error as error:
             raise PersistenceError(f"moving the clock of {_database(self.dsn)} failed: {error}") from error

@@ -1,7 +1,7 @@
 """The database clock and everything that reads it: partitions, retention, views, triggers.
 
-``exai_db_clock`` writes the row of ``unified.clock`` in this test's database, which every
-connection reads at its next statement.
+``exai_db_clock`` rewrites ``unified.clock_now()`` of this test's database (through
+``unified.set_clock()``); every connection sees the new time from its next transaction.
 """
 
 import re
@@ -68,15 +68,17 @@ def test_set_moves_open_and_new_connections_at_once(exai_dsn, exai_db_clock):
         with connect(exai_dsn) as opened_after:
             seen_after = opened_after.execute("SELECT unified.clock_now()").fetchone()[0]
         seen_before = opened_before.execute("SELECT unified.clock_now()").fetchone()[0]
-        # Inside an open transaction too: read committed reads the row at each statement.
-        opened_before.execute("BEGIN")
+        # A statement the open connection has prepared (psycopg prepares after 5 runs) is
+        # planned again: its plan had the old clock inlined.
+        insert = "INSERT INTO public.sessions (session_id) VALUES (%s) RETURNING created_at"
+        for number in range(6):
+            opened_before.execute(insert, (f"s{number}",), prepare=True)
         exai_db_clock.advance(days=1)
-        seen_in_transaction = opened_before.execute("SELECT unified.clock_now()").fetchone()[0]
-        opened_before.execute("COMMIT")
+        prepared_after = opened_before.execute(insert, ("late",), prepare=True).fetchone()[0]
 
     assert set_to == datetime(2027, 3, 15, tzinfo=UTC)
     assert seen_after == seen_before == set_to
-    assert seen_in_transaction == set_to + timedelta(days=1)
+    assert prepared_after == set_to + timedelta(days=1)
     assert exai_db_clock.now() == exai_db_clock.value == set_to + timedelta(days=1)
 
 
@@ -108,12 +110,13 @@ def test_advance_and_reset(exai_dsn):
 
     clock.reset()
     with connect(exai_dsn) as conn:
-        clock_now, now, rows = conn.execute(
-            "SELECT unified.clock_now(), now(), (SELECT count(*) FROM unified.clock)"
-        ).fetchone()
+        clock_now, now = conn.execute("SELECT unified.clock_now(), now()").fetchone()
+    with connect(exai_dsn) as conn:
+        body = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = 'unified.clock_now'::regproc").fetchone()[0]
     assert clock_now == now
-    assert rows == 0
     assert clock.value is None
+    # Back to the body of 002: the setting, else now().
+    assert body.strip() == "SELECT coalesce(nullif(current_setting('unified.clock', true), '')::timestamptz, now())"
 
 
 def test_reset_returns_to_the_start_instant(exai_dsn):
@@ -142,12 +145,12 @@ def test_the_clock_is_per_database(exai_dsn, exai_db_clock, exai_databases):
         with connect(exai_databases.server.dsn(other)) as conn:
             other_now, db_now = conn.execute("SELECT unified.clock_now(), now()").fetchone()
         with connect(exai_databases.server.dsn(exai_databases.template)) as conn:
-            template_clock = conn.execute("SELECT frozen_at FROM unified.clock").fetchall()
+            template_now, template_db_now = conn.execute("SELECT unified.clock_now(), now()").fetchone()
     finally:
         exai_databases.drop(other)
     # Both are where every database of this run starts: the run's start instant, else the real time.
     assert other_now == (exai_db_clock.start or db_now)
-    assert template_clock == ([(exai_db_clock.start,)] if exai_db_clock.start else [])
+    assert template_now == (exai_db_clock.start or template_db_now)
 
 
 @pytest.mark.parametrize(
@@ -183,22 +186,29 @@ def test_bad_times_raise_and_set_nothing(exai_dsn, exai_db_clock, given, error, 
     assert exai_db_clock.value == datetime(2027, 3, 15, tzinfo=UTC)
 
 
-def test_a_role_without_the_grant_gets_a_clear_error_and_moves_nothing(exai_dsn, exai_db_clock):
+def test_a_role_that_does_not_own_the_clock_gets_a_clear_error_and_moves_nothing(exai_dsn, exai_db_clock):
     exai_db_clock.set("2027-03-15")
     with connect(exai_dsn) as conn:
         conn.execute("CREATE ROLE exai_clock_nobody LOGIN")
         try:
             clock = DbClock(psycopg.conninfo.make_conninfo(exai_dsn, user="exai_clock_nobody"))
-            for missing in ("schema unified", "table clock"):
-                with pytest.raises(PersistenceError, match=rf"permission denied for {missing}.*INSERT, UPDATE, DELETE"):
+            grants = [
+                "GRANT USAGE ON SCHEMA unified TO exai_clock_nobody",
+                "GRANT EXECUTE ON FUNCTION unified.set_clock(timestamptz) TO exai_clock_nobody",
+                None,
+            ]
+            refusals = [
+                "permission denied for schema unified",
+                "permission denied for function set_clock",
+                "permission denied for schema unified",  # CREATE on it, to replace clock_now()
+            ]
+            for refusal, grant in zip(refusals, grants, strict=True):
+                with pytest.raises(PersistenceError, match=rf"{refusal}; moving it takes the role that applied"):
                     clock.set("2030-01-01")
-                assert clock.value is None
-                assert conn.execute("SELECT unified.clock_now()").fetchone() == (datetime(2027, 3, 15, tzinfo=UTC),)
-                conn.execute("GRANT USAGE ON SCHEMA unified TO exai_clock_nobody")
-
-            conn.execute("GRANT INSERT, UPDATE, DELETE ON unified.clock TO exai_clock_nobody")
-            clock.set("2030-01-01")
-            assert conn.execute("SELECT unified.clock_now()").fetchone() == (datetime(2030, 1, 1, tzinfo=UTC),)
+                if grant:
+                    conn.execute(grant)
+            assert clock.value is None
+            assert conn.execute("SELECT unified.clock_now()").fetchone() == (datetime(2027, 3, 15, tzinfo=UTC),)
         finally:
             conn.execute("DROP OWNED BY exai_clock_nobody")
             conn.execute("DROP ROLE exai_clock_nobody")
@@ -211,7 +221,7 @@ def test_a_clock_that_cannot_reach_its_database_raises_and_stays(exai_dsn):
     assert clock.value is None
 
 
-def test_the_session_setting_wins_over_the_table_on_its_connection(exai_dsn, exai_db_clock):
+def test_the_session_setting_wins_on_its_connection(exai_dsn, exai_db_clock):
     exai_db_clock.set("2027-03-15")
     with connect(exai_dsn) as conn:
         conn.execute("BEGIN")
@@ -223,21 +233,32 @@ def test_the_session_setting_wins_over_the_table_on_its_connection(exai_dsn, exa
     assert after == datetime(2027, 3, 15, tzinfo=UTC)
 
 
-def test_the_clock_table_holds_one_finite_instant_and_only_its_owner_moves_it(exai_dsn):
+def test_set_clock_refuses_an_infinite_instant_and_the_api_roles(exai_dsn, exai_db_clock):
+    exai_db_clock.set("2027-03-15")
     with connect(exai_dsn) as conn:
-        conn.execute("INSERT INTO unified.clock (frozen_at) VALUES ('2027-03-15+00') ON CONFLICT DO NOTHING")
-        with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("INSERT INTO unified.clock (only_row, frozen_at) VALUES (false, '2027-03-15+00')")
-        with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("UPDATE unified.clock SET frozen_at = 'infinity'")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="finite"):
+            conn.execute("SELECT unified.set_clock('infinity')")
         for role in ("anon", "authenticated", "service_role"):
             conn.execute("BEGIN")
             conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
-            readable = conn.execute("SELECT unified.clock_now() IS NOT NULL").fetchone()
+            readable = conn.execute("SELECT unified.clock_now()").fetchone()
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute("DELETE FROM unified.clock")
+                conn.execute("SELECT unified.set_clock(NULL)")
             conn.execute("ROLLBACK")
-            assert readable == (True,), role
+            assert readable == (datetime(2027, 3, 15, tzinfo=UTC),), role
+
+
+@pytest.mark.parametrize("datestyle", ["ISO, DMY", "SQL, MDY", "German", "Postgres, YMD"])
+def test_a_frozen_clock_reads_alike_under_every_date_style_and_time_zone(exai_dsn, exai_db_clock, datestyle):
+    exai_db_clock.set("2028-02-29T23:59:59.123456Z")
+    with psycopg.connect(exai_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET DateStyle = {}").format(sql.Literal(datestyle)))
+        conn.execute("SET TIME ZONE 'Pacific/Kiritimati'")  # UTC+14: already 1 March there
+        # Compared in SQL: psycopg reads timestamps in the ISO style only.
+        same = conn.execute(
+            "SELECT unified.clock_now() = %s", (datetime(2028, 2, 29, 23, 59, 59, 123456, tzinfo=UTC),)
+        ).fetchone()
+    assert same == (True,)
 
 
 # every "now" of the schema reads the clock
@@ -247,7 +268,8 @@ def test_no_function_or_default_of_the_schema_reads_now_directly(exai_dsn):
     with connect(exai_dsn) as conn:
         functions = conn.execute(
             "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-            " WHERE n.nspname = 'unified' AND p.proname <> 'clock_now'"
+            # set_clock() writes clock_now()'s body, which names now() as text.
+            " WHERE n.nspname = 'unified' AND p.proname NOT IN ('clock_now', 'set_clock')"
             " AND replace(p.prosrc, 'clock_now()', '') ~* %s",
             (
                 r"\m(now|transaction_timestamp|statement_timestamp|clock_timestamp)\s*\("
