@@ -62,7 +62,7 @@ import secrets
 
 import psycopg
 
-from pytest_exai_sessions.databases import ForcefulJanitor
+from pytest_exai_sessions.testing.databases import ForcefulJanitor
 from pytest_exai_sessions.schema import apply_to_dsn
 
 

@@ -28,11 +28,11 @@ import per_test
 import psycopg
 
 from pytest_exai_sessions import Session, SessionManager, SessionStore
-from pytest_exai_sessions.crash import CrashHarness
-from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.schema import latest_version, load_migrations
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cache import CACHED_PREFIX, ClusterCache
+from pytest_exai_sessions.testing.crash import CrashHarness
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 METHOD = """How: 1. Each fixture hands a connection to a database of its own to 40 identical tests in a \

@@ -7,7 +7,7 @@ recovers in a new manager and checks the database against those acknowledgements
 
 import pytest
 
-from pytest_exai_sessions.workload import WorkloadContext
+from pytest_exai_sessions.testing.workload import WorkloadContext
 
 
 class CartService:

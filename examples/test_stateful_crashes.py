@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("hypothesis", reason='needs Hypothesis: pip install "pytest-exai-sessions[stateful]"')
 
 from pytest_exai_sessions import SessionManager
-from pytest_exai_sessions.stateful import SessionCrashMachine, SessionModel, run_crash_machine
+from pytest_exai_sessions.testing.stateful import SessionCrashMachine, SessionModel, run_crash_machine
 
 
 class ShopSessionManager(SessionManager):

@@ -3,7 +3,7 @@
 Importing this package does not import pytest: applications use the core in production.
 """
 
-from .clock import SYSTEM_CLOCK, Clock, DbClock, ManualClock, SystemClock
+from .clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock
 from .errors import (
     ExaiSessionsError,
     MigrationError,
@@ -25,10 +25,11 @@ from .models import (
     SessionState,
     UserType,
 )
-from .recovery import RecoveryDiff, assert_full_recovery, compare_snapshots, snapshot
-from .rls import ActingAs, as_role, as_service_role, as_user
 from .schema import apply_migrations, load_migrations, migration_status
 from .store import SessionStore
+from .testing.db_clock import DbClock
+from .testing.recovery import RecoveryDiff, assert_full_recovery, compare_snapshots, snapshot
+from .testing.rls import ActingAs, as_role, as_service_role, as_user
 
 __all__ = [
     "SYSTEM_CLOCK",

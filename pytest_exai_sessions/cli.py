@@ -8,10 +8,9 @@ import sys
 
 import psycopg
 
+from .db import DSN_ENV
 from .errors import ExaiSessionsError
 from .schema import apply_migrations, load_migrations, migration_status
-
-DSN_VARIABLE = "EXAI_SESSIONS_DSN"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "list applied and pending migrations"),
     ):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--dsn", default=os.environ.get(DSN_VARIABLE), help=f"PostgreSQL DSN [env {DSN_VARIABLE}]")
+        command.add_argument("--dsn", default=os.environ.get(DSN_ENV), help=f"PostgreSQL DSN [env {DSN_ENV}]")
     commands.choices["migrate"].add_argument(
         "--dry-run", action="store_true", help="print the SQL of pending migrations instead of running it"
     )
@@ -32,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.dsn:
-        print(f"exai-sessions: no database given: pass --dsn or set {DSN_VARIABLE}", file=sys.stderr)
+        print(f"exai-sessions: no database given: pass --dsn or set {DSN_ENV}", file=sys.stderr)
         return 2
     try:
         with psycopg.connect(args.dsn, autocommit=True) as conn:

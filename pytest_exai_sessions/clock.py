@@ -1,14 +1,9 @@
 """Clocks: where the manager and the database get "now" from.
 
 A ``SessionManager`` reads the time from one injectable ``Clock``: ``SYSTEM_CLOCK`` (the
-real time) in production, a ``ManualClock`` in a test. ``DbClock`` is a ``ManualClock``
-that moves one database along with it: every "now" of the schema (partition creation,
-retention, the materialized views' windows, timestamp defaults, the ``updated_at``
-triggers) reads ``unified.clock_now()``, whose body ``unified.set_clock()`` rewrites to
-return the frozen instant. Each connection sees the new body from its next transaction,
-so moving the clock reaches open connections and pools at once.
-
-A set clock is frozen: it reads the same instant until it is moved again.
+real time) in production, a ``ManualClock`` in a test (``testing.db_clock.DbClock`` is one
+that moves a database along with it). A set clock is frozen: it reads the same instant
+until it is moved again.
 """
 
 from __future__ import annotations
@@ -16,10 +11,6 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol, runtime_checkable
-
-import psycopg
-
-from .errors import PersistenceError
 
 SETTING = "unified.clock"  # the session setting clock_now() reads first, on one connection
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -125,42 +116,3 @@ class ManualClock:
     def __repr__(self) -> str:
         state = self._value.isoformat() if self._value is not None else "real time"
         return f"<{type(self).__name__}: {state}>"
-
-
-class DbClock(ManualClock):
-    """A ``ManualClock`` that moves the database ``dsn`` names with it.
-
-    Moving it calls ``unified.set_clock()``, which rewrites the body of
-    ``unified.clock_now()``: every connection to that database, open or new, reads the new
-    time from its next transaction. That takes the role that applied the schema (the owner
-    of ``clock_now()``, with CREATE on ``unified``); other roles get a ``PersistenceError``.
-    """
-
-    def __init__(self, dsn: str, *, start: datetime | date | str | None = None) -> None:
-        super().__init__(start)
-        self.dsn = dsn
-
-    def _move(self, instant: datetime | None) -> None:
-        try:
-            with psycopg.connect(self.dsn, autocommit=True) as conn:
-                conn.execute("SELECT unified.set_clock(%s)", (instant,))
-        except psycopg.errors.InsufficientPrivilege as error:
-            reason = error.diag.message_primary
-            raise PersistenceError(
-                f"cannot move the clock of {_database(self.dsn)}: {reason}; moving it takes the role that applied "
-                "the schema (the owner of unified.clock_now(), with CREATE on the schema unified)"
-            ) from error
-        except psycopg.Error as error:
-            raise PersistenceError(f"moving the clock of {_database(self.dsn)} failed: {error}") from error
-
-    def __repr__(self) -> str:
-        state = self._value.isoformat() if self._value is not None else "real time"
-        return f"<DbClock {_database(self.dsn)}: {state}>"
-
-
-def _database(dsn: str) -> str:
-    try:
-        name = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname")
-    except psycopg.ProgrammingError:
-        name = None
-    return f"database {name!r}" if name else "the database"

@@ -27,10 +27,11 @@ from fractions import Fraction
 from typing import Any, Self
 
 from .clock import SYSTEM_CLOCK, Clock
+from .db import DSN_ENV
 from .errors import SessionNotFound
 from .manager import SessionManager as CoreSessionManager
 from .models import Session as SessionRecord
-from .models import SessionState, check_session_id
+from .models import SessionState, check_session_id, is_live, stale_before
 from .store import SessionStore
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 # The variable the plugin and the exai-sessions command read too.
-DSN_ENV = "EXAI_SESSIONS_DSN"
 # The original's environment variables and defaults.
 TIMEOUT_ENV, DEFAULT_SESSION_TIMEOUT_SECS = "SESSION_TIMEOUT_SECS", 3600
 MAX_CONCURRENT_ENV, DEFAULT_MAX_CONCURRENT_SESSIONS = "SESSION_MAX_CONCURRENT", 100
@@ -271,18 +271,20 @@ class SessionManager:
             )
         return self._core
 
-    def _new_core(self, store: SessionStore | None, *, owns_store: bool = False) -> CoreSessionManager:
+    def _core_options(self) -> dict[str, Any]:
         # No periodic cleanup in the core: it would drop sessions behind this manager's back.
         # As with the original, the application decides when cleanup_stale_sessions() runs.
-        return CoreSessionManager(
-            store,
-            session_timeout_secs=self.session_timeout_secs,
-            max_concurrent_sessions=self.max_concurrent_sessions,
-            cleanup_interval_secs=0,
-            max_inflight=self.max_inflight,
-            close_store=owns_store,
-            clock=self.clock,
-        )
+        return {
+            "session_timeout_secs": self.session_timeout_secs,
+            "max_concurrent_sessions": self.max_concurrent_sessions,
+            "cleanup_interval_secs": 0,
+            "max_inflight": self.max_inflight,
+            "clock": self.clock,
+        }
+
+    def _new_core(self, store: SessionStore | None) -> CoreSessionManager:
+        """The core on a store the caller owns (or none: memory only)."""
+        return CoreSessionManager(store, **self._core_options())
 
     # lifecycle (the original had none: every method starts the manager when it must)
 
@@ -322,14 +324,9 @@ class SessionManager:
         core = self._core
         if core is None:
             assert self._dsn is not None
-            store = await SessionStore.open(self._dsn, **self._store_options)
-            core = self._new_core(store, owns_store=True)
-        try:
+            core = await CoreSessionManager.open(self._dsn, store_options=self._store_options, **self._core_options())
+        else:
             await core.start()
-        except BaseException:
-            if self._core is None:
-                await core.aclose()  # closes the store opened just above
-            raise
         self._core = core
         self._recovered_at_start = self._adopt(core.sessions().values())
         self._started = True
@@ -416,10 +413,20 @@ class SessionManager:
         return to_epoch_seconds(self.clock.now())
 
     def is_session_timed_out(self, session: Session) -> bool:
-        """True when the session is closed or idle for ``session_timeout_secs`` or longer."""
-        if session.closed:
-            return True
-        return self._now() - session.last_activity >= self.session_timeout_secs
+        """True when the session is closed, idle past ``session_timeout_secs``, or past its ``expires_at``.
+
+        The core's rule (``models.is_live``), applied to this object's ``closed`` and
+        ``last_activity`` as the application set them.
+        """
+        record = self._core.in_memory(session.session_id) if self._core is not None else None
+        now = self.clock.now()
+        return not is_live(
+            SessionState.INACTIVE if session.closed else SessionState.ACTIVE,
+            from_epoch_seconds(session.last_activity),
+            None if record is None else record.expires_at,
+            now=now,
+            stale_before=stale_before(now, self.session_timeout_secs),
+        )
 
     async def cleanup_stale_sessions(self) -> int:
         """Remove closed and timed-out sessions; return how many left ``list_ids()``.
@@ -466,7 +473,7 @@ class SessionManager:
         core = await self._ready()
         if not was_started:
             return self._recovered_at_start
-        if core.store is None:
+        if not core.persistence_enabled:
             return 0
         await core.recover_all_sessions()
         return self._adopt(core.sessions().values())

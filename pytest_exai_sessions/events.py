@@ -1,8 +1,8 @@
 """EventStore: every statement that reads or writes ``unified.event_metric_events`` and its views.
 
-An EventStore shares a SessionStore's connection pool (and its error handling and
-deadlines): ``EventStore(session_store)``, or ``await EventStore.open(dsn)`` for one with a
-pool of its own. Each write is one autocommit statement, so a returned ``await`` means
+An EventStore works on a ``Database`` (the pool, deadlines and error mapping of db.py):
+``EventStore(session_store.database)`` shares a SessionStore's, ``await EventStore.open(dsn)``
+opens one of its own. Each write is one autocommit statement, so a returned ``await`` means
 committed; every failure raises ``PersistenceError``.
 
 The SessionManager's lifecycle events (created, expired, removed) are not separate
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 from uuid import UUID
 
 from psycopg import sql
@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ValidationError
 
+from .db import Database, PoolOptions
 from .errors import PersistenceError
 from .models import (
     ErrorSummary,
@@ -36,7 +37,6 @@ from .models import (
     check_json_object,
     check_text,
 )
-from .store import SessionStore
 
 TABLE_NAME = ("unified", "event_metric_events")
 TABLE = sql.Identifier(*TABLE_NAME)
@@ -140,19 +140,19 @@ def _optional_instant(name: str, value: datetime | None) -> datetime | None:
 class EventStore:
     """Async access to ``unified.event_metric_events`` and the summaries its materialized views hold."""
 
-    def __init__(self, store: SessionStore, *, close_store: bool = False) -> None:
-        """Share ``store``'s pool; ``close_store=True`` makes ``close()`` close it too."""
-        self._store = store
-        self._owns_store = close_store
+    def __init__(self, database: Database, *, close_database: bool = False) -> None:
+        """Work on ``database`` (shared, by default); ``close_database=True`` makes ``close()`` close it."""
+        self.database = database
+        self._owns_database = close_database
 
     @classmethod
-    async def open(cls, conninfo: str, **pool_options: Any) -> Self:
-        """An EventStore with a pool of its own, opened as ``SessionStore.open`` opens one."""
-        return cls(await SessionStore.open(conninfo, **pool_options), close_store=True)
+    async def open(cls, conninfo: str, **pool_options: Unpack[PoolOptions]) -> Self:
+        """An EventStore with a pool of its own: ``Database.open(conninfo, **pool_options)``."""
+        return cls(await Database.open(conninfo, **pool_options), close_database=True)
 
     async def close(self) -> None:
-        if self._owns_store:
-            await self._store.close()
+        if self._owns_database:
+            await self.database.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -161,7 +161,7 @@ class EventStore:
         await self.close()
 
     async def _fetch_all(self, action: str, query: sql.Composed, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        async with self._store._connection(action) as conn:
+        async with self.database.connection(action) as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(query, params)
             return await cur.fetchall()
@@ -284,4 +284,4 @@ class EventStore:
         return await self._view(PerformanceMetrics, PERFORMANCE_VIEW, "event_type, source_system")
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} on {self._store!r}>"
+        return f"<{type(self).__name__} on {self.database!r}>"

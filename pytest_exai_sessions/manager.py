@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Self
 
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
 from .events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE, EventStore, SessionEvents, SessionLifecycle
-from .models import Event, Session, SessionState, check_duration_ms, check_session_id
+from .memory import MemoryStore
+from .models import Event, Session, SessionState, check_duration_ms, check_session_id, stale_before
 from .store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ UPDATE_ATTRIBUTES = CREATE_ATTRIBUTES | {"state"}
 class SessionManager:
     """Sessions in memory with write-through persistence and recovery after a restart.
 
-    With ``store=None`` it keeps sessions in memory only (what the original manager did).
-    With a store, every call writes to PostgreSQL before it returns, so a crash right
-    after a returned ``await`` loses nothing, and ``start()`` recovers every live session.
+    With a ``SessionStore``, every call writes to PostgreSQL before it returns, so a crash
+    right after a returned ``await`` loses nothing, and ``start()`` recovers every live
+    session. With ``store=None`` it keeps sessions in a ``MemoryStore``, in this process only
+    (what the original manager did): the same code path over the same interface.
 
     With ``record_events=True`` it also records its lifecycle in
     ``unified.event_metric_events`` (see ``SessionLifecycle``): a created, expired or
@@ -42,7 +43,7 @@ class SessionManager:
 
     def __init__(
         self,
-        store: SessionStore | None = None,
+        store: SessionStore | MemoryStore | None = None,
         *,
         session_timeout_secs: float = 3600,
         max_concurrent_sessions: int = 100,
@@ -65,14 +66,18 @@ class SessionManager:
             raise ValueError(
                 f"cleanup_interval_secs must be >= 0 (0 turns periodic cleanup off), got {cleanup_interval_secs}"
             )
-        if record_events and store is None:
-            raise ValueError("record_events=True needs a store: the events are written to the database")
+        if record_events and not isinstance(store, SessionStore):
+            raise ValueError(
+                "record_events=True needs a store: the events are written to the database, which a MemoryStore has not"
+            )
         if not callable(getattr(clock, "now", None)):
             raise TypeError(f"clock must have a now() method returning an aware datetime, got {clock!r}")
         self.clock = clock
-        self.store = store
+        self.store: SessionStore | MemoryStore = store if store is not None else MemoryStore()
         self.record_events = bool(record_events)
-        self.events: EventStore | None = EventStore(store) if record_events and store is not None else None
+        self.events: EventStore | None = (
+            EventStore(store.database) if isinstance(store, SessionStore) and record_events else None
+        )
         self.session_timeout_secs = session_timeout_secs
         self.max_concurrent_sessions = max_concurrent_sessions
         self.cleanup_interval_secs = cleanup_interval_secs
@@ -102,22 +107,33 @@ class SessionManager:
 
     @property
     def persistence_enabled(self) -> bool:
-        return self.store is not None
+        return self.store.persistent
+
+    @classmethod
+    async def open(cls, dsn: str, *, store_options: Mapping[str, Any] | None = None, **options: Any) -> Self:
+        """The one way to build a persistent manager on a DSN: open its store, recover, start.
+
+        ``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts); ``options`` to
+        the constructor (of ``cls``, so a subclass builds itself). ``aclose()`` closes the
+        store too. Every fixture, the crash harness, its child processes and compat use it.
+        """
+        store = await SessionStore.open(dsn, **(store_options or {}))
+        try:
+            manager = cls(store, close_store=True, **options)
+            await manager.start()
+        except BaseException:
+            await store.close()
+            raise
+        return manager
 
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, dsn: str, *, store_options: dict[str, Any] | None = None, **options: Any
+        cls, dsn: str, *, store_options: Mapping[str, Any] | None = None, **options: Any
     ) -> AsyncIterator[Self]:
-        """Open a store on ``dsn``, recover, yield the started manager; close both on exit."""
-        store = await SessionStore.open(dsn, **(store_options or {}))
+        """``open()`` as an ``async with`` block: the started manager, closed (with its store) on exit."""
+        manager = await cls.open(dsn, store_options=store_options, **options)
         try:
-            manager = cls(store, close_store=True, **options)
-        except BaseException:
-            await store.close()
-            raise
-        try:
-            await manager.start()
             yield manager
         finally:
             await manager.aclose()
@@ -138,7 +154,7 @@ class SessionManager:
         """Stop periodic cleanup and release connections (the store too if this manager opened it)."""
         await self._stop_cleanup()
         self._started = False
-        if self._owns_store and self.store is not None:
+        if self._owns_store:
             await self.store.close()
 
     async def abandon(self) -> None:
@@ -147,8 +163,7 @@ class SessionManager:
             self._cleanup_task.cancel()
             self._cleanup_task = None
         self._started = False
-        if self.store is not None:
-            await self.store.abandon()
+        await self.store.abandon()
 
     async def __aenter__(self) -> Self:
         return await self.start()
@@ -183,16 +198,12 @@ class SessionManager:
         return self.clock.now()
 
     def _stale_before(self, now: datetime) -> datetime:
-        return now - timedelta(seconds=self.session_timeout_secs)
+        return stale_before(now, self.session_timeout_secs)
 
     def is_session_timed_out(self, session: Session) -> bool:
         """True when the session is not active, idle past the timeout, or past ``expires_at``."""
         now = self._now()
-        if session.state is not SessionState.ACTIVE:
-            return True
-        if session.expires_at is not None and session.expires_at <= now:
-            return True
-        return session.last_activity < self._stale_before(now)
+        return not session.is_live(now, stale_before=self._stale_before(now))
 
     def _live_in_memory(self, session_id: str) -> Session | None:
         session = self._sessions.get(session_id)
@@ -240,27 +251,16 @@ class SessionManager:
             return existing
         # A timed-out copy must neither be returned nor count towards the limit.
         self._forget(session_id)
-        if self.store is None:
-            self._reserve_slot_for_new_session()
-            stored = _detached(candidate)
-        else:
-            async with self._write_lock(session_id):
-                # Another task may have created it while this one waited for the lock.
-                existing = self._live_in_memory(session_id)
-                if existing is not None:
-                    return existing
-                stored = await self._create_or_load(candidate, now)
-                self._sessions[session_id] = stored
-            return stored
-        self._sessions[session_id] = stored
+        async with self._write_lock(session_id):
+            # Another task may have created it while this one waited for the lock.
+            existing = self._live_in_memory(session_id)
+            if existing is not None:
+                return existing
+            stored = await self._create_or_load(candidate, now)
+            self._sessions[session_id] = stored
         return stored
 
-    def _reserve_slot_for_new_session(self) -> None:
-        if len(self._sessions) + self._creating >= self.max_concurrent_sessions:
-            raise SessionLimitExceeded(self.max_concurrent_sessions)
-
     async def _create_or_load(self, candidate: Session, now: datetime) -> Session:
-        assert self.store is not None
         stale_before = self._stale_before(now)
         session_id = candidate.session_id
         if len(self._sessions) + self._creating >= self.max_concurrent_sessions:
@@ -291,7 +291,7 @@ class SessionManager:
         # A bad id is bad input (ValueError), not a database error from the lookup.
         check_session_id(session_id)
         session = self._live_in_memory(session_id)
-        if session is not None or self.store is None:
+        if session is not None:
             return session
         now = self._now()
         loaded = await self.store.fetch_live(session_id, stale_before=self._stale_before(now), now=now)
@@ -304,9 +304,8 @@ class SessionManager:
     async def remove(self, session_id: str) -> None:
         """Delete the session from memory and the database; unknown ids are ignored."""
         check_session_id(session_id)  # ignored means unknown, not invalid: a bad id raises ValueError
-        if self.store is not None:
-            async with self._write_lock(session_id):
-                await self.store.delete(session_id, events=self._lifecycle(SessionLifecycle.REMOVED))
+        async with self._write_lock(session_id):
+            await self.store.delete(session_id, events=self._lifecycle(SessionLifecycle.REMOVED))
         self._forget(session_id)
 
     async def list_ids(self) -> list[str]:
@@ -316,17 +315,6 @@ class SessionManager:
         """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now."""
         check_session_id(session_id)  # a ValueError, not a PersistenceError from the database
         duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
-        if self.store is None:
-            current = self._require_live_in_memory(session_id)
-            updated = current.model_copy(
-                update={
-                    "request_count": current.request_count + 1,
-                    "total_duration_ms": current.total_duration_ms + duration,
-                    "last_activity": self._now(),
-                }
-            )
-            self._sessions[session_id] = updated
-            return updated
         async with self._write_lock(session_id):
             # Read once the lock is held: writes of one session commit in the order of their times.
             now = self._now()
@@ -353,21 +341,6 @@ class SessionManager:
             check_session_id(session_id)  # once per session, not per request: batches repeat ids
         if not totals:
             return {}
-        now = self._now()
-        if self.store is None:
-            current = {sid: self._require_live_in_memory(sid) for sid in totals}
-            updated = {
-                sid: session.model_copy(
-                    update={
-                        "request_count": session.request_count + totals[sid][0],
-                        "total_duration_ms": session.total_duration_ms + totals[sid][1],
-                        "last_activity": now,
-                    }
-                )
-                for sid, session in current.items()
-            }
-            self._sessions.update(updated)
-            return updated
         async with contextlib.AsyncExitStack() as locks:
             # In a fixed order, so two overlapping batches cannot wait for each other.
             for session_id in sorted(totals):
@@ -409,18 +382,11 @@ class SessionManager:
         # Validated as a whole record, so update() obeys exactly the rules ensure() does.
         validated = Session.model_validate({"session_id": session_id, **given})
         changes = {name: getattr(validated, name) for name in given}
-        now = self._now()
-        if self.store is None:
-            current = self._require_live_in_memory(session_id)
-            updated = _detached(current.model_copy(update={**changes, "last_activity": now}))
-        else:
-            async with self._write_lock(session_id):
-                now = self._now()
-                stored = await self.store.update(session_id, changes, now=now, stale_before=self._stale_before(now))
-                updated = self._require_stored(session_id, stored)
-                self._apply_update(session_id, updated)
-            return updated
-        self._apply_update(session_id, updated)
+        async with self._write_lock(session_id):
+            now = self._now()
+            stored = await self.store.update(session_id, changes, now=now, stale_before=self._stale_before(now))
+            updated = self._require_stored(session_id, stored)
+            self._apply_update(session_id, updated)
         return updated
 
     def _apply_update(self, session_id: str, updated: Session) -> None:
@@ -449,14 +415,13 @@ class SessionManager:
         stale = [sid for sid, session in self._sessions.items() if self.is_session_timed_out(session)]
         if not stale:
             return 0
-        if self.store is not None:
-            now = self._now()
-            await self.store.expire(
-                stale,
-                stale_before=self._stale_before(now),
-                now=now,
-                events=self._lifecycle(SessionLifecycle.EXPIRED, reason="timed out"),
-            )
+        now = self._now()
+        await self.store.expire(
+            stale,
+            stale_before=self._stale_before(now),
+            now=now,
+            events=self._lifecycle(SessionLifecycle.EXPIRED, reason="timed out"),
+        )
         for session_id in stale:
             self._forget(session_id)
         return len(stale)
@@ -477,8 +442,6 @@ class SessionManager:
 
     async def recover_all_sessions(self) -> int:
         """Load every live persisted session into memory, however many, even above the limit."""
-        if self.store is None:
-            return 0
         now = self._now()
         started = time.monotonic()
         recovered = 0
@@ -499,15 +462,13 @@ class SessionManager:
             )
         return recovered
 
+    def in_memory(self, session_id: str) -> Session | None:
+        """The record held in memory for ``session_id``, live or not; no database call."""
+        return self._sessions.get(session_id)
+
     def sessions(self) -> dict[str, Session]:
         """A copy of the in-memory sessions by id (the records are immutable)."""
         return dict(self._sessions)
-
-    def _require_live_in_memory(self, session_id: str) -> Session:
-        session = self._live_in_memory(session_id)
-        if session is None:
-            raise SessionNotFound(session_id)
-        return session
 
     def _require_stored(self, session_id: str, stored: Session | None) -> Session:
         if stored is None:
@@ -516,17 +477,10 @@ class SessionManager:
         return stored
 
     def __repr__(self) -> str:
-        where = "persisted" if self.store is not None else "in memory"
+        where = "persisted" if self.persistence_enabled else "in memory"
         return f"<{type(self).__name__} {len(self._sessions)} sessions, {where}>"
 
 
 def _require_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-def _detached(session: Session) -> Session:
-    """A copy whose JSON fields share nothing with the caller's objects (memory-only mode)."""
-    return session.model_copy(
-        update={"data": json.loads(json.dumps(session.data)), "metadata": json.loads(json.dumps(session.metadata))}
-    )

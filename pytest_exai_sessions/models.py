@@ -6,7 +6,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from ipaddress import ip_address
@@ -144,6 +144,21 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def stale_before(now: datetime, session_timeout_secs: float) -> datetime:
+    """The last activity a session must have had by ``now`` to be live: older is timed out."""
+    return now - timedelta(seconds=session_timeout_secs)
+
+
+def is_live(
+    state: SessionState, last_activity: datetime, expires_at: datetime | None, *, now: datetime, stale_before: datetime
+) -> bool:
+    """The liveness rule: active, last used at ``stale_before`` or later, not past ``expires_at`` at ``now``.
+
+    ``SessionStore``'s SQL applies the same rule (``_LIVE``) to the rows it reads and writes.
+    """
+    return state is SessionState.ACTIVE and (expires_at is None or expires_at > now) and last_activity >= stale_before
+
+
 def _as_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
@@ -181,6 +196,10 @@ class Session(BaseModel):
     @classmethod
     def _valid_ip(cls, value: str | None) -> str | None:
         return check_ip_address(value)
+
+    def is_live(self, now: datetime, *, stale_before: datetime) -> bool:
+        """Whether the session may be used at ``now`` by a manager whose cutoff is ``stale_before`` (``is_live``)."""
+        return is_live(self.state, self.last_activity, self.expires_at, now=now, stale_before=stale_before)
 
     @classmethod
     def from_database(cls, row: Mapping[str, Any]) -> Session:

@@ -8,22 +8,16 @@ memory is, by construction, what a reload after a crash returns.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
-import secrets
-import select
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
-import psycopg
-from psycopg import sql
-from psycopg.rows import TupleRow, tuple_row
-from psycopg.types.json import Jsonb, set_json_loads
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg import Rollback, sql
+from psycopg.rows import tuple_row
+from psycopg.types.json import Jsonb
 
+from .db import Database, PoolOptions, Query, tuple_cursor
 from .errors import PersistenceError
 from .models import Session
 
@@ -95,11 +89,6 @@ def _logged(change: sql.Composed, events: SessionEvents | None, result: sql.SQL)
         changed=_CHANGED, change=change, insert=insert, result=result
     )
     return query, params
-
-
-# A statement as psycopg takes it. The hot ones are composed once and kept as bytes:
-# composing psycopg.sql objects on every call cost more than the round trip itself.
-Query = bytes | sql.Composed
 
 
 def _compiled(query: sql.Composable) -> bytes:
@@ -192,165 +181,48 @@ def _to_session(row: Sequence[Any]) -> Session:
         ) from error
 
 
-def _json_from_utf8(data: str | bytes) -> Any:
-    # json.loads() given bytes first works out their encoding, which took as long as parsing
-    # a small object. jsonb's text never starts with a BOM or a NUL, so it always settles on
-    # UTF-8: decode it as json.loads() would.
-    return json.loads(data if isinstance(data, str) else data.decode("utf-8", "surrogatepass"))
-
-
-_Cursor = TypeVar("_Cursor", bound=psycopg.AsyncCursor[TupleRow])
-
-
-def _session_cursor(cursor: _Cursor) -> _Cursor:
-    """``cursor``, set up to read rows of sessions."""
-    set_json_loads(_json_from_utf8, cursor)
-    return cursor
-
-
-class _PooledConnection(psycopg.AsyncConnection[Any]):
-    """A connection of the store's pool, with one cursor kept for its single-row statements.
-
-    A new cursor looks up the adapters of every parameter and result column again on its
-    first statement, which cost more than the rest of a call's client-side work. A pooled
-    connection runs one statement at a time, so its cursor can serve each of them.
-    """
-
-    _row_cursor: psycopg.AsyncCursor[TupleRow] | None = None
-
-    def row_cursor(self) -> psycopg.AsyncCursor[TupleRow]:
-        if self._row_cursor is None:
-            self._row_cursor = _session_cursor(self.cursor(row_factory=tuple_row))
-        return self._row_cursor
-
-
-class _ConnectFailures:
-    """The last failed connection attempt of one pool.
-
-    A pool that cannot connect only reports ``PoolTimeout: pool initialization incomplete``;
-    the reason (no such database, authentication failed, no server) goes to a log. This
-    keeps it, so that PersistenceError can say why.
-    """
-
-    def __init__(self) -> None:
-        self.last: psycopg.Error | None = None
-
-    def connection_class(self) -> type[_PooledConnection]:
-        failures = self
-
-        class RecordingConnection(_PooledConnection):
-            @classmethod
-            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
-                try:
-                    connection = await super().connect(conninfo, **kwargs)
-                except psycopg.Error as error:
-                    failures.last = error
-                    raise
-                failures.last = None
-                return connection
-
-        return RecordingConnection
-
-
-@contextmanager
-def _database_errors(action: str, failures: _ConnectFailures | None = None) -> Iterator[None]:
-    """Turn every driver or pool failure into PersistenceError naming what was attempted."""
-    try:
-        yield
-    except psycopg.Error as error:
-        raise _persistence_error(action, error, failures) from error
-
-
-def _persistence_error(action: str, error: psycopg.Error, failures: _ConnectFailures | None) -> PersistenceError:
-    reason = f"{type(error).__name__}: {error}".rstrip()
-    if isinstance(error, PoolTimeout) and failures is not None and failures.last is not None:
-        reason += f"; last connection attempt: {type(failures.last).__name__}: {failures.last}".rstrip()
-    return PersistenceError(f"{action} failed: {reason}")
-
-
-async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Pool check before each use: refuse a connection the server has closed meanwhile.
-
-    An idle connection has nothing to read; if its socket is readable, the server has sent
-    its goodbye (a restart, a terminated backend) or closed it. A select() costs no round
-    trip, and it lets the first call after a database restart succeed instead of failing
-    on a dead connection.
-    """
-    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
-        # Closed here, the pool drops it and opens a replacement; open, it would hand it out again.
-        await conn.close()
-        raise psycopg.OperationalError("the server closed this connection while it was idle")
-
-
 class SessionStore:
-    """Async access to ``public.sessions`` through a connection pool."""
+    """Async access to ``public.sessions`` through a ``Database`` (its pool, deadlines and errors)."""
 
-    def __init__(self, conninfo: str, *, application_name: str, pool_options: Mapping[str, Any]) -> None:
-        """Use ``await SessionStore.open(...)``: it builds the store and opens its pool."""
-        self.conninfo = conninfo
-        self.application_name = application_name
-        # What open() was given, so a crash helper can open an equal store again.
-        self.pool_options = dict(pool_options)
-        # The pool gives up waiting for a connection after `timeout`; this also bounds a
-        # statement on a server that accepted the connection but stopped answering.
-        self._answer_within = 2 * self.pool_options["timeout"]
-        self._connect_failures = _ConnectFailures()
-        self._pool = self._new_pool()
-        # Set when a call could not reach the server; the next call first checks whether it is back.
-        self._server_lost = False
+    persistent = True  # what it writes survives the process (MemoryStore: False)
 
-    def _new_pool(self) -> AsyncConnectionPool[_PooledConnection]:
-        options = self.pool_options
-        return AsyncConnectionPool[_PooledConnection](
-            self.conninfo,
-            connection_class=self._connect_failures.connection_class(),
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": options["connect_timeout"],
-                "application_name": self.application_name,
-            },
-            min_size=options["min_size"],
-            max_size=options["max_size"],
-            timeout=options["timeout"],
-            check=_discard_if_closed_by_server,
-            open=False,
-        )
+    def __init__(self, database: Database, *, close_database: bool = True) -> None:
+        """Use ``await SessionStore.open(...)``, or pass a ``Database`` another store shares.
+
+        ``close_database``: ``close()`` closes the database too (the default: this store owns it).
+        """
+        self.database = database
+        self._owns_database = close_database
 
     @classmethod
-    async def open(
-        cls,
-        conninfo: str,
-        *,
-        min_size: int = 1,
-        max_size: int = 10,
-        timeout: float = 5.0,
-        connect_timeout: int = 5,
-        application_name: str | None = None,
-    ) -> Self:
-        """Open a pool on ``conninfo`` and wait until one connection works.
+    async def open(cls, conninfo: str, **pool_options: Unpack[PoolOptions]) -> Self:
+        """A store with a pool of its own (``Database.open``), ready when one connection works.
 
         ``timeout`` bounds how long a call waits for a connection, so an unreachable
         database raises ``PersistenceError`` instead of hanging.
         """
-        pool_options: dict[str, Any] = {
-            "min_size": min_size,
-            "max_size": max_size,
-            "timeout": timeout,
-            "connect_timeout": connect_timeout,
-        }
-        # A name of its own lets a crash helper find exactly this store's backends.
-        name = application_name or f"exai-sessions-{secrets.token_hex(4)}"
-        store = cls(conninfo, application_name=name, pool_options=pool_options)
-        with _database_errors(f"connecting to {_describe(conninfo)}", store._connect_failures):
-            await store._pool.open(wait=True, timeout=timeout)
-        return store
+        return cls(await Database.open(conninfo, **pool_options))
+
+    # What a crash helper needs to open an equal store again, or to find its backends.
+    @property
+    def conninfo(self) -> str:
+        return self.database.conninfo
+
+    @property
+    def application_name(self) -> str:
+        return self.database.application_name
+
+    @property
+    def pool_options(self) -> dict[str, Any]:
+        return self.database.pool_options
 
     async def close(self) -> None:
-        await self._pool.close()
+        if self._owns_database:
+            await self.database.close()
 
     async def abandon(self) -> None:
         """Drop the pool without waiting for anything, as a dying process would."""
-        await self._pool.close(timeout=0)
+        await self.database.abandon()
 
     async def __aenter__(self) -> Self:
         return self
@@ -359,27 +231,7 @@ class SessionStore:
         await self.close()
 
     async def _fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> Session | None:
-        """Run one statement returning at most one session: every single-session call comes here.
-
-        What ``_connection`` guarantees (reconnection, a deadline, PersistenceError), spelled
-        out without its layers of context managers, which cost a sizeable part of a call.
-        """
-        if self._server_lost:
-            await self._reconnect(action)
-        try:
-            async with asyncio.timeout(self._answer_within):
-                conn = await self._pool.getconn()
-                try:
-                    cursor = conn.row_cursor()
-                    await cursor.execute(query, params)
-                    row = await cursor.fetchone()
-                finally:
-                    await self._pool.putconn(conn)
-        except TimeoutError as error:
-            raise self._no_answer(action) from error
-        except psycopg.Error as error:
-            self._note_failure(error)
-            raise _persistence_error(action, error, self._connect_failures) from error
+        row = await self.database.fetch_one(action, query, params)
         return None if row is None else _to_session(row)
 
     async def create(
@@ -427,12 +279,12 @@ class SessionStore:
             "stale_before": stale_before,
         }
         action = f"recording requests of {len(ids)} sessions"
-        async with self._connection(action) as conn, conn.transaction() as transaction:
-            cur = _session_cursor(conn.cursor(row_factory=tuple_row))
+        async with self.database.connection(action) as conn, conn.transaction() as transaction:
+            cur = tuple_cursor(conn.cursor(row_factory=tuple_row))
             await cur.execute(query, params)
             rows = await cur.fetchall()
             if len(rows) != len(ids):
-                raise psycopg.Rollback(transaction)  # leaves the block quietly, nothing counted
+                raise Rollback(transaction)  # leaves the block quietly, nothing counted
         return [_to_session(row) for row in rows]
 
     async def update(
@@ -450,7 +302,7 @@ class SessionStore:
         )
         query, params = _logged(change, events, sql.SQL("session_id"))
         params["id"] = session_id
-        async with self._connection(f"deleting session {session_id!r}") as conn:
+        async with self.database.connection(f"deleting session {session_id!r}") as conn:
             cur = await conn.execute(query, params)
             return cur.rowcount > 0
 
@@ -469,9 +321,16 @@ class SessionStore:
         ).format(table=_TABLE, live=_LIVE_SESSIONS)
         query, params = _logged(change, events, sql.SQL("session_id"))
         params.update(ids=session_ids, stale_before=stale_before, now=now)
-        async with self._connection(f"expiring {len(session_ids)} sessions") as conn:
+        async with self.database.connection(f"expiring {len(session_ids)} sessions") as conn:
             cur = await conn.execute(query, params)
             return [row[0] for row in await cur.fetchall()]
+
+    async def delete_all(self) -> int:
+        """Delete every row, live or not; return how many (for tests that start afresh, never in production)."""
+        query = sql.SQL("DELETE FROM {table}").format(table=_TABLE)
+        async with self.database.connection("deleting every session") as conn:
+            cur = await conn.execute(query)
+            return cur.rowcount
 
     async def iter_live(
         self, *, stale_before: datetime, now: datetime, batch_size: int = 2000
@@ -481,96 +340,11 @@ class SessionStore:
             returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
         )
         params = {"stale_before": stale_before, "now": now}
-        async for session in self._stream("recovering sessions", query, params, batch_size):
-            yield session
+        async for row in self.database.stream("recovering sessions", query, params, batch_size=batch_size):
+            yield _to_session(row)
 
     async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:
         """Every row, live or not (for checks after a crash), streamed like ``iter_live``."""
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions").format(returning=_RETURNING, table=_TABLE)
-        async for session in self._stream("reading all sessions", query, {}, batch_size):
-            yield session
-
-    async def _stream(
-        self, action: str, query: sql.Composed, params: Mapping[str, Any], batch_size: int
-    ) -> AsyncIterator[Session]:
-        # The deadline applies to each round trip, not to the whole stream: recovering 100k
-        # sessions may take longer than one call may wait, and the consumer's time is its own.
-        async with (
-            self._connection(action, bounded=False) as conn,
-            conn.transaction(),
-            _session_cursor(conn.cursor(name="exai_stream_sessions", row_factory=tuple_row)) as cur,
-        ):
-            async with self._deadline(action):
-                await cur.execute(query, params)
-            while True:
-                async with self._deadline(action):
-                    rows = await cur.fetchmany(batch_size)
-                if not rows:
-                    return
-                for row in rows:
-                    yield _to_session(row)
-
-    @asynccontextmanager
-    async def _connection(self, action: str, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever."""
-        if self._server_lost:
-            await self._reconnect(action)
-        try:
-            with _database_errors(action, self._connect_failures):
-                if bounded:
-                    async with self._deadline(action), self._pool.connection() as conn:
-                        yield conn
-                else:
-                    async with self._pool.connection() as conn:
-                        yield conn
-        except PersistenceError as error:
-            if isinstance(error.__cause__, psycopg.Error):
-                self._note_failure(error.__cause__)
-            raise
-
-    def _note_failure(self, error: psycopg.Error) -> None:
-        """After a connection failure, the next call first checks whether the server is back."""
-        if isinstance(error, psycopg.OperationalError):
-            self._server_lost = True
-
-    async def _reconnect(self, action: str) -> None:
-        """After an outage: fail at once while the server is down, start afresh once it is back.
-
-        The pool retries with a backoff that doubles up to minutes, so after a long outage it
-        could keep failing calls long after the server returned. One direct connection tells
-        whether the server is back; if it is, a new pool replaces the old one.
-        """
-        with _database_errors(action):
-            probe = await psycopg.AsyncConnection.connect(
-                self.conninfo, connect_timeout=self.pool_options["connect_timeout"]
-            )
-        await probe.close()
-        old, self._pool = self._pool, self._new_pool()
-        self._server_lost = False
-        await old.close(timeout=0)
-        with _database_errors(action, self._connect_failures):
-            await self._pool.open(wait=False)
-
-    @asynccontextmanager
-    async def _deadline(self, action: str) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(self._answer_within):
-                yield
-        except TimeoutError as error:
-            raise self._no_answer(action) from error
-
-    def _no_answer(self, action: str) -> PersistenceError:
-        return PersistenceError(f"{action} failed: the database did not answer within {self._answer_within:g}s")
-
-
-def _describe(conninfo: str) -> str:
-    """The DSN without its password, for error messages."""
-    try:
-        params = psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "the database (unparsable DSN)"
-    params.pop("password", None)
-    return (
-        psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
-        or "the default database"
-    )
+        async for row in self.database.stream("reading all sessions", query, {}, batch_size=batch_size):
+            yield _to_session(row)

@@ -3,7 +3,7 @@ import secrets
 import pytest
 from pg_leftovers import private_basedir
 
-from pytest_exai_sessions.databases import ForcefulJanitor
+from pytest_exai_sessions.testing.databases import ForcefulJanitor
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psycopg
 
-from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.server import default_basedir
 from pytest_exai_sessions.server.cluster import OWNER_LOCK
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 CLUSTER_PREFIX = "exai-pg-"
 

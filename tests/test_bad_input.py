@@ -145,9 +145,9 @@ async def manager(persistence):
 
 
 async def all_rows(manager):
-    """Every row of public.sessions, every column, read by a connection of its own."""
-    if manager.store is None:
-        return None
+    """Every row of public.sessions, every column, read by a connection of its own (in memory: the MemoryStore's)."""
+    if not manager.persistence_enabled:
+        return [session async for session in manager.store.iter_all()]
     async with await psycopg.AsyncConnection.connect(manager.store.conninfo, row_factory=dict_row) as conn:
         cur = await conn.execute("SELECT * FROM public.sessions ORDER BY id")
         return await cur.fetchall()

@@ -9,10 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.schema import load_migrations, migrations_dir
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cache import CACHE_PREFIX, CACHED_PREFIX, CACHED_TEMPLATE, ClusterCache, cache_key
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 # The instant the caches below are built as of: the cache is keyed by its month, so a
 # fixed one keeps these tests independent of the day they run on.

@@ -7,8 +7,8 @@ import psycopg
 import pytest
 from pg_leftovers import database_names, own_databases
 
-from pytest_exai_sessions.databases import TestDatabases
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 
 def has_the_schema(dsn: str) -> bool:
@@ -157,7 +157,7 @@ def test_an_unforeseen_error_in_the_background_never_leaves_a_test_waiting(exai_
     def broken(self, kind, name, connection):
         raise RuntimeError("a bug in the background")
 
-    monkeypatch.setattr("pytest_exai_sessions.databases._Background._do", broken)
+    monkeypatch.setattr("pytest_exai_sessions.testing.databases._Background._do", broken)
     databases = TestDatabases(exai_pg_server, ahead=1)
     databases._background.WAIT_FOR_CLONE_SECS = 2  # were the failed job still counted, each take waited this
     databases.create_template()

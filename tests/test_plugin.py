@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from pg_leftovers import Leftovers, Proc, databases_besides, wait_until_gone
 
-from pytest_exai_sessions.config import OPTIONS, ExaiConfig
-from pytest_exai_sessions.databases import TestDatabases
+from pytest_exai_sessions.plugin.config import OPTIONS, ExaiConfig
 from pytest_exai_sessions.schema import load_migrations
 from pytest_exai_sessions.server import PostgresServer, default_basedir, find_bindir
 from pytest_exai_sessions.server.binaries import embedded_bindir, is_embedded, server_version
 from pytest_exai_sessions.server.cluster import is_tmpfs
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 FIXTURES = (
     "exai_config",
@@ -440,7 +440,7 @@ def run_with_failing_server(pytester: pytest.Pytester, *args: str, subprocess: b
     result.assert_outcomes(passed=1, errors=2)
     # Plainly: the reason, no traceback through the plugin's code.
     assert "Traceback" not in result.stdout.str()
-    assert "plugin.py" not in result.stdout.str()
+    assert "pytest_exai_sessions/plugin" not in result.stdout.str()
     return result
 
 

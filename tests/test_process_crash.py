@@ -3,8 +3,8 @@
 import pytest
 
 from pytest_exai_sessions import Session
-from pytest_exai_sessions.ledger import LedgerBook
-from pytest_exai_sessions.workloads import mixed_workload
+from pytest_exai_sessions.testing.ledger import LedgerBook
+from pytest_exai_sessions.testing.workloads import mixed_workload
 
 # 24 kill points spread over a mixed workload of 3 concurrent workers.
 KILL_POINTS = [1, 2, 3, 5, 8, 12, 16, 20, 25, 30, 36, 42, 50, 58, 66, 75, 85, 95, 110, 125, 140, 160, 180, 200]

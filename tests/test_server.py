@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from pg_leftovers import Leftovers, descendants, read_proc, wait_until_gone
 
-from pytest_exai_sessions.config import ExaiConfig
+from pytest_exai_sessions.plugin.config import ExaiConfig
 from pytest_exai_sessions.server import (
     PostgresNotFound,
     ServerStartError,

@@ -9,8 +9,8 @@ import hypothesis
 import pytest
 
 from pytest_exai_sessions import Session, SessionLimitExceeded, SessionManager, SessionNotFound
-from pytest_exai_sessions.crash import CrashHarness
-from pytest_exai_sessions.stateful import SessionCrashMachine, SessionModel, run_crash_machine
+from pytest_exai_sessions.testing.crash import CrashHarness
+from pytest_exai_sessions.testing.stateful import SessionCrashMachine, SessionModel, run_crash_machine
 
 
 def test_the_manager_keeps_every_acknowledged_write_through_random_crashes(exai_dsn, exai_pg_server, exai_db_clock):

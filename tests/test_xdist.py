@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pg_leftovers import Leftovers, databases_besides, read_proc, wait_until_gone
 
-from pytest_exai_sessions.config import OPTIONS
-from pytest_exai_sessions.databases import TestDatabases
+from pytest_exai_sessions.plugin.config import OPTIONS
 from pytest_exai_sessions.server import PostgresServer
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 pytest.importorskip("xdist")
 

@@ -12,7 +12,6 @@ is incomplete (a build that died half-way) or does not start is removed and rebu
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -50,6 +49,8 @@ def cache_key(server: TemporaryPostgres, migrations: list[Migration], as_of: dat
 
 @contextmanager
 def _locked(basedir: Path) -> Iterator[None]:
+    import fcntl  # here, not at the top: the plugin loads where there is none (the cache is never used there)
+
     with open(basedir / f"{CACHE_PREFIX}lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

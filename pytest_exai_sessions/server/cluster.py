@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
-import pwd
 import random
 import shutil
 import signal
@@ -31,6 +29,7 @@ from typing import Any, Self
 
 import psycopg
 
+from ..db import DSN_ENV
 from ..errors import ExaiSessionsError
 from .binaries import is_embedded, server_version
 from .connection import make_dsn
@@ -75,12 +74,39 @@ class OsUser:
     gid: int
 
 
+# What the temporary server needs of POSIX: user lookup, and flock for the owner locks.
+# Imported where they are used, so that the plugin loads (and --exai-dsn works) without them.
+_POSIX_MODULES = ("pwd", "fcntl")
+
+
+def temporary_server_supported() -> bool:
+    """Whether this platform has what the temporary server needs (Windows has not)."""
+    try:
+        import fcntl  # noqa: F401
+        import pwd  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(os, "geteuid")
+
+
+def _require_posix() -> None:
+    if not temporary_server_supported():
+        raise ServerStartError(
+            "the temporary PostgreSQL server needs a POSIX system (it switches users and locks its "
+            f"directories with {' and '.join(_POSIX_MODULES)}), which this platform is not; point the plugin at "
+            f"an existing server instead: --exai-dsn (or {DSN_ENV})"
+        )
+
+
 def server_os_user(name: str | None) -> OsUser | None:
     """The unprivileged user to run PostgreSQL as, or None to run it as ourselves.
 
     PostgreSQL refuses to run as root, so as root we switch to ``name`` (default
     ``postgres``); as anyone else we run it as that user, unless asked otherwise.
     """
+    _require_posix()
+    import pwd
+
     if os.geteuid() != 0 and not name:
         return None
     wanted = name or "postgres"
@@ -139,6 +165,8 @@ def _lock_owner(root: Path) -> int:
 
     Locked under a temporary name, then renamed: a sweeper never sees it unlocked.
     """
+    import fcntl
+
     temporary = root / f".{OWNER_LOCK}.{os.getpid()}"
     fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
@@ -171,6 +199,10 @@ def sweep_stale_clusters(basedir: Path) -> list[Path]:
     other users, of live runs, and those without a lock file are never touched.
     """
     removed: list[Path] = []
+    if not temporary_server_supported():
+        return removed  # no temporary server ever ran here
+    import fcntl
+
     try:
         entries = list(basedir.glob(CLUSTER_PREFIX + "*"))
     except OSError:
@@ -217,6 +249,7 @@ class TemporaryPostgres:
         settings: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
+        _require_posix()
         self.bindir = bindir
         self.basedir = basedir or default_basedir()
         self.os_user = os_user

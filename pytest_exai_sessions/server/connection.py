@@ -33,6 +33,8 @@ class PostgresServer(Protocol):
 
     def dsn(self, dbname: str | None = None) -> str: ...
 
+    def stop(self) -> None: ...  # what the run started, it ends; an external server is left running
+
 
 class ExternalPostgres:
     """A server somebody else runs, described by a DSN (CI services, a Supabase project)."""
@@ -75,6 +77,9 @@ class ExternalPostgres:
             password=self.password,
             **self._extra,
         )
+
+    def stop(self) -> None:
+        """Nothing to stop: the server is not ours."""
 
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.dbname}"

@@ -14,14 +14,15 @@ from typing import Any, Literal, NoReturn, TypeVar
 
 import psycopg
 
-from .clock import SYSTEM_CLOCK, Clock, ManualClock
-from .errors import ExaiSessionsError
+from ..clock import SYSTEM_CLOCK, Clock, ManualClock
+from ..errors import ExaiSessionsError
+from ..manager import SessionManager
+from ..server.cluster import TemporaryPostgres
+from ..server.connection import PostgresServer
+from ..store import SessionStore
+from .backends import terminate_backends
 from .ledger import CrashReport, LedgerBook
-from .manager import SessionManager
 from .recovery import Snapshot, snapshot
-from .server.cluster import TemporaryPostgres
-from .server.connection import PostgresServer
-from .store import SessionStore
 from .workload import import_object, object_path
 
 M = TypeVar("M", bound=SessionManager)
@@ -64,10 +65,9 @@ class CrashHarness:
         self._managers: list[SessionManager] = []
 
     async def new_manager(self, manager_class: type[M] = SessionManager, **options: Any) -> M:  # type: ignore[assignment]
-        """A started manager with a store of its own on this database."""
-        store = await SessionStore.open(self.dsn)
+        """A started manager with a store of its own on this database (closed by ``aclose()``)."""
         options.setdefault("clock", self.clock)
-        return await self._start(manager_class(store, close_store=True, **options))
+        return self._keep(await manager_class.open(self.dsn, **options))
 
     async def crash_and_restart(self, manager: M, **option_overrides: Any) -> M:
         """Kill ``manager`` without a flush or a graceful close; recover in a new one.
@@ -77,29 +77,23 @@ class CrashHarness:
         """
         await self.abandon(manager)
         options = {**manager.options, **option_overrides}
-        if manager.store is None:
+        if not isinstance(manager.store, SessionStore):
             # Nothing was persisted, so nothing can come back: that is the point to show.
-            return await self._start(type(manager)(None, **options))
-        store = await SessionStore.open(manager.store.conninfo, **manager.store.pool_options)
-        return await self._start(type(manager)(store, close_store=True, **options))
+            return self._keep(await type(manager)(None, **options).start())
+        restarted = await type(manager).open(
+            manager.store.conninfo, store_options=manager.store.pool_options, **options
+        )
+        return self._keep(restarted)
 
     async def abandon(self, manager: SessionManager) -> None:
         """Drop the manager's connections from the server side, as the death of its process would."""
-        if manager.store is not None:
-            await self._terminate_backends(manager.store.application_name)
+        if isinstance(manager.store, SessionStore):
+            await asyncio.to_thread(self._terminate_backends, manager.store.application_name)
         await manager.abandon()
 
-    async def _terminate_backends(self, application_name: str, timeout: float = 5.0) -> None:
-        # Polled here rather than with pg_terminate_backend(pid, timeout), which the server
-        # re-checks only every 100 ms; terminated again each round, since a connection the
-        # pool was opening meanwhile shows up only later.
-        query = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
-        deadline = time.monotonic() + timeout
-        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as admin:
-            while await (await admin.execute(query, (application_name,))).fetchone() is not None:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the backends of {application_name!r} did not exit within {timeout:g}s")
-                await asyncio.sleep(0.001)
+    def _terminate_backends(self, application_name: str) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            terminate_backends(admin, application_name=application_name)
 
     # a child process
 
@@ -139,7 +133,7 @@ class CrashHarness:
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "pytest_exai_sessions.workload",
+                "pytest_exai_sessions.testing.workload",
                 json.dumps(spec),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=child_output,
@@ -178,7 +172,6 @@ class CrashHarness:
         """Recover in a new manager and compare every row with what the ledger allows."""
         cls = import_object(manager_class) if isinstance(manager_class, str) else manager_class
         recovered_manager = await self.new_manager(cls, **options)
-        assert recovered_manager.store is not None
         rows = {session.session_id: session async for session in recovered_manager.store.iter_all()}
         report = book.check(rows, killed_at)
         report.recovered = len(recovered_manager.sessions())
@@ -221,9 +214,8 @@ class CrashHarness:
         """The manager's sessions by id, to compare with ``assert_full_recovery`` after a crash."""
         return snapshot(manager)
 
-    async def _start(self, manager: M) -> M:
+    def _keep(self, manager: M) -> M:
         self._managers.append(manager)
-        await manager.start()
         return manager
 
     async def aclose(self) -> None:

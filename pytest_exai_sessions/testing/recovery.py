@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .models import Session
+from ..models import Session
 
 if TYPE_CHECKING:
-    from .manager import SessionManager
+    from ..manager import SessionManager
 
 Snapshot = dict[str, Session]
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from .clock import parse_instant
+from ..clock import parse_instant
+from ..db import DSN_ENV
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ OPTIONS = (
     Option(
         "exai_dsn",
         "DSN of an existing PostgreSQL to use instead of starting a temporary one",
-        env="EXAI_SESSIONS_DSN",
+        env=DSN_ENV,
         shown_default="none: start a temporary server",
     ),
     Option(

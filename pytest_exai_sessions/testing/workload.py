@@ -17,10 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .clock import SYSTEM_CLOCK, ManualClock
-from .manager import SessionManager
-from .models import Session
-from .store import SessionStore
+from ..clock import SYSTEM_CLOCK, ManualClock
+from ..manager import SessionManager
+from ..models import Session
 
 Workload = Callable[["WorkloadContext"], Awaitable[None]]
 
@@ -152,11 +151,9 @@ class Acknowledgement:
 async def _run(spec: dict[str, Any], ledger: Ledger) -> None:
     workload: Workload = import_object(spec["workload"])
     manager_class: type[SessionManager] = import_object(spec["manager_class"])
-    store = await SessionStore.open(spec["dsn"])
     # The parent's test clock as it stood at the start: moving it later does not reach the child.
     clock = ManualClock(spec["clock"]) if spec.get("clock") else SYSTEM_CLOCK
-    manager = manager_class(store, close_store=True, clock=clock, **spec["options"])
-    await manager.start()
+    manager = await manager_class.open(spec["dsn"], clock=clock, **spec["options"])
     # The parent's kill_after_secs counts from here: starting Python and importing takes
     # a varying part of a second that says nothing about the workload.
     ledger.write({"t": "ready"})

@@ -26,9 +26,10 @@ import psycopg
 from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from .clock import DbClock
-from .schema import Migration, apply_to_dsn
-from .server.connection import PostgresServer
+from ..schema import Migration, apply_to_dsn
+from ..server.connection import PostgresServer
+from .backends import terminate_backends
+from .db_clock import DbClock
 
 
 class ForcefulJanitor(DatabaseJanitor):
@@ -57,7 +58,7 @@ class ForcefulJanitor(DatabaseJanitor):
     def init(self) -> None:
         with self.cursor() as cur:
             if self.template_dbname and self._end_template_sessions:
-                self._terminate_connection(cur, self.template_dbname)
+                terminate_backends(cur.connection, database=self.template_dbname)
             cur.execute(self._build_create_database_sql())
 
     @contextmanager

