@@ -24,7 +24,6 @@ import pytest
 import pytest_asyncio
 
 from ..manager import SessionManager
-from ..testing.crash import CrashHarness
 from ..testing.databases import TestDatabases
 from ..testing.db_clock import DbClock
 from .hooks import config_of
@@ -94,10 +93,12 @@ def session_manager(
     @_requesting(dsn, clock, "exai_manager_options")
     async def fixture(**fixtures: Any) -> AsyncIterator[SessionManager]:
         """A started, persistent SessionManager on this test's database (options from @pytest.mark.exai_sessions)."""
-        harness = CrashHarness(fixtures[dsn], clock=fixtures[clock])
+        manager = await manager_class.open(
+            fixtures[dsn], **{"clock": fixtures[clock], **fixtures["exai_manager_options"], **options}
+        )
         try:
-            yield await harness.new_manager(manager_class, **{**fixtures["exai_manager_options"], **options})
+            yield manager
         finally:
-            await harness.aclose()
+            await manager.aclose()
 
     return pytest_asyncio.fixture(fixture)

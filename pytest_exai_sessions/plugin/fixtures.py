@@ -105,15 +105,18 @@ async def session_manager_factory(
     exai_dsn: str, exai_manager_options: dict[str, Any], exai_db_clock: DbClock
 ) -> AsyncIterator[Callable[..., Awaitable[SessionManager]]]:
     """``await session_manager_factory(**options)``: a started manager on this test's database (marker: defaults)."""
-    harness = CrashHarness(exai_dsn, clock=exai_db_clock)
+    managers: list[SessionManager] = []
 
     async def make(**options: Any) -> SessionManager:
-        return await harness.new_manager(**{**exai_manager_options, **options})
+        manager = await SessionManager.open(exai_dsn, **{"clock": exai_db_clock, **exai_manager_options, **options})
+        managers.append(manager)
+        return manager
 
     try:
         yield make
     finally:
-        await harness.aclose()
+        for manager in managers:
+            await manager.aclose()
 
 
 session_manager = factories.session_manager()
