@@ -113,6 +113,8 @@ class ManualClock:
     def _move(self, instant: datetime | None) -> None:
         """Called before the clock changes; raising leaves it where it was."""
 
+    def _state(self) -> str:
+        return self._value.isoformat() if self._value is not None else "real time"
+
     def __repr__(self) -> str:
-        state = self._value.isoformat() if self._value is not None else "real time"
-        return f"<{type(self).__name__}: {state}>"
+        return f"<{type(self).__name__}: {self._state()}>"

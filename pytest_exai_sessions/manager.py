@@ -70,7 +70,7 @@ class SessionManager:
             raise ValueError(
                 "record_events=True needs a store: the events are written to the database, which a MemoryStore has not"
             )
-        if not callable(getattr(clock, "now", None)):
+        if not isinstance(clock, Clock):
             raise TypeError(f"clock must have a now() method returning an aware datetime, got {clock!r}")
         self.clock = clock
         self.store: SessionStore | MemoryStore = store if store is not None else MemoryStore()

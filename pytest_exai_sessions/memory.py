@@ -10,7 +10,7 @@ survives the process: ``persistent`` is False.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self
 
@@ -76,7 +76,7 @@ class MemoryStore:
             session_id,
             stale_before=stale_before,
             now=now,
-            count=lambda row: {
+            changes_of=lambda row: {
                 "request_count": row.request_count + 1,
                 "total_duration_ms": row.total_duration_ms + duration_ms,
             },
@@ -103,13 +103,21 @@ class MemoryStore:
         self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
     ) -> Session | None:
         """Set the given fields and ``last_activity``; None when no live session has the id."""
-        return await self._change(session_id, stale_before=stale_before, now=now, count=lambda _row: dict(changes))
+        return await self._change(session_id, stale_before=stale_before, now=now, changes_of=lambda _row: dict(changes))
 
-    async def _change(self, session_id: str, *, stale_before: datetime, now: datetime, count: Any) -> Session | None:
+    async def _change(
+        self,
+        session_id: str,
+        *,
+        stale_before: datetime,
+        now: datetime,
+        changes_of: Callable[[Session], dict[str, Any]],
+    ) -> Session | None:
+        """Apply ``changes_of(row)`` and ``last_activity = now`` to a live row; None when there is none."""
         row = self._live(session_id, stale_before=stale_before, now=now)
         if row is None:
             return None
-        self._rows[session_id] = _copy(row, **count(row), last_activity=now)
+        self._rows[session_id] = _copy(row, **changes_of(row), last_activity=now)
         return _copy(self._rows[session_id])
 
     async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:

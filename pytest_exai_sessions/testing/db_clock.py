@@ -44,8 +44,7 @@ class DbClock(ManualClock):
             raise PersistenceError(f"moving the clock of {_database(self.dsn)} failed: {error}") from error
 
     def __repr__(self) -> str:
-        state = self._value.isoformat() if self._value is not None else "real time"
-        return f"<DbClock {_database(self.dsn)}: {state}>"
+        return f"<DbClock {_database(self.dsn)}: {self._state()}>"
 
 
 def _database(dsn: str) -> str:
