@@ -33,7 +33,7 @@ async def shopping(ctx: WorkloadContext):
         await ctx.ensure(f"cart-{user}", user_id=user, data={"items": []})
     for step in range(1_000_000):
         user = users[step % len(users)]
-        current = ctx.manager.sessions()[f"cart-{user}"].data["items"]
+        current = (await ctx.manager.get(f"cart-{user}")).data["items"]
         # Say what the operation sets, so a write in flight at the kill can be told from corruption.
         async with ctx.operation(f"cart-{user}", "add_item", expect={"data": {"items": [*current, step]}}) as op:
             op.acknowledge(await carts.add_item(user, step))

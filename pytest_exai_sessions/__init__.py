@@ -8,6 +8,7 @@ from .errors import (
     ExaiSessionsError,
     MigrationError,
     PersistenceError,
+    SessionConflict,
     SessionLimitExceeded,
     SessionNotFound,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "RecordedEvent",
     "RecoveryDiff",
     "Session",
+    "SessionConflict",
     "SessionLifecycle",
     "SessionLimitExceeded",
     "SessionManager",

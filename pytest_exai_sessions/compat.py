@@ -242,9 +242,10 @@ class SessionManager:
         # With a DSN the core is built on first use, once its store is open.
         self._core: CoreSessionManager | None = None if self._dsn is not None else self._new_core(self._store)
         self._sessions: dict[str, Session] = {}
+        # The stored expires_at of each object (the original's Session has no such field).
+        self._expires_at: dict[str, datetime | None] = {}
         self._start_lock: asyncio.Lock | None = None
         self._started = False
-        self._recovered_at_start = 0
         self._closed = False
 
     @property
@@ -328,7 +329,6 @@ class SessionManager:
         else:
             await core.start()
         self._core = core
-        self._recovered_at_start = self._adopt(core.sessions().values())
         self._started = True
 
     # keeping one object per id in step with the core's records
@@ -346,7 +346,12 @@ class SessionManager:
             session = Session(record.session_id, max_inflight=self.max_inflight)
             self._sessions[record.session_id] = session
         _copy_record(record, session)
+        self._expires_at[record.session_id] = record.expires_at
         return session
+
+    def _drop(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._expires_at.pop(session_id, None)
 
     # the original API
 
@@ -358,36 +363,45 @@ class SessionManager:
         whose message starts with "Maximum concurrent sessions".
         """
         core = await self._ready()
-        if session_id:
+        if session_id and not self.persistence_enabled:
             existing = self._sessions.get(session_id)
             if existing is not None:
                 return existing
+        # Persistent: the store decides, so a session another replica removed is not handed
+        # out again; the object this manager already gave out is refreshed, not replaced.
         record = await core.ensure(session_id or None)
         return self._keep(record)
 
     async def get(self, session_id: str) -> Session | None:
         """The object ``ensure`` returned for ``session_id``, or None; never creates.
 
-        A persistent manager also loads a live session another manager on the same
-        database created.
+        A persistent manager asks the database every time: it returns a live session
+        another manager created (or changed, refreshed in place) and None for one another
+        manager removed or expired.
         """
         core = await self._ready()
         session = self._sessions.get(session_id)
-        if session is not None or not self.persistence_enabled or not _storable_id(session_id):
+        if not self.persistence_enabled or not _storable_id(session_id):
             return session
         record = await core.get(session_id)
-        return None if record is None else self._keep(record)
+        if record is None:
+            self._drop(session_id)
+            return None
+        return self._keep(record)
 
     async def remove(self, session_id: str) -> None:
         """Forget the session (and delete its row); unknown ids are ignored."""
         core = await self._ready()
         if _storable_id(session_id):
             await core.remove(session_id)
-        self._sessions.pop(session_id, None)
+        self._drop(session_id)
 
     async def list_ids(self) -> list[str]:
-        await self._ready()
-        return list(self._sessions)
+        """The ids of the sessions; a persistent manager lists every live one in the database."""
+        core = await self._ready()
+        if not self.persistence_enabled:
+            return list(self._sessions)
+        return await core.list_ids()
 
     async def update_activity(self, session_id: str, request_duration_ms: float | None = None) -> None:
         """Move ``last_activity`` to now and count a request (unknown ids are ignored).
@@ -398,16 +412,20 @@ class SessionManager:
         duration = _whole_milliseconds(request_duration_ms)
         core = await self._ready()
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None and not (self.persistence_enabled and _storable_id(session_id)):
             return
         try:
             record = await core.update_activity(session_id, request_duration_ms=duration)
         except SessionNotFound:
-            if self._sessions.get(session_id) is not session:
-                return  # removed or cleaned up meanwhile: as if it had been unknown
+            # Revive only what timed out without being cleaned up: a row still marked active.
+            # Removed, expired or ended, by this manager or another, it stays gone.
+            row = await core.store.fetch(session_id)
+            if row is None or row.state is not SessionState.ACTIVE or self._sessions.get(session_id) is not session:
+                self._drop(session_id)
+                return
             await core.ensure(session_id)
             record = await core.update_activity(session_id, request_duration_ms=duration)
-        _copy_record(record, session)
+        self._keep(record)
 
     def _now(self) -> float:
         return to_epoch_seconds(self.clock.now())
@@ -418,12 +436,11 @@ class SessionManager:
         The core's rule (``models.is_live``), applied to this object's ``closed`` and
         ``last_activity`` as the application set them.
         """
-        record = self._core.in_memory(session.session_id) if self._core is not None else None
         now = self.clock.now()
         return not is_live(
             SessionState.INACTIVE if session.closed else SessionState.ACTIVE,
             from_epoch_seconds(session.last_activity),
-            None if record is None else record.expires_at,
+            self._expires_at.get(session.session_id),
             now=now,
             stale_before=stale_before(now, self.session_timeout_secs),
         )
@@ -435,26 +452,29 @@ class SessionManager:
         inactive, so neither comes back after a restart.
         """
         core = await self._ready()
-        held = core.sessions()
+        ended = 0
         for session in [s for s in self._sessions.values() if self.is_session_timed_out(s)]:
-            record = held.get(session.session_id)
-            if record is not None and not core.is_session_timed_out(record):
-                # Stale here but live in the store: closed by the application, or its
-                # last_activity set back by hand. End it there too.
-                state = SessionState.INACTIVE if session.closed else SessionState.EXPIRED
-                with contextlib.suppress(SessionNotFound):
-                    await core.update(session.session_id, state=state)
-        await core.cleanup_stale_sessions()
-        # The core now holds exactly the live sessions; whatever it dropped leaves here too.
-        held = core.sessions()
-        gone = [session_id for session_id in self._sessions if session_id not in held]
-        for session_id in gone:
-            del self._sessions[session_id]
-        return len(gone)
+            # Stale here: closed by the application, timed out, or its last_activity set back
+            # by hand. Where the store still has it live, end it there too.
+            state = SessionState.INACTIVE if session.closed else SessionState.EXPIRED
+            with contextlib.suppress(SessionNotFound):
+                await core.update(session.session_id, state=state)
+                ended += 1
+        expired = await core.cleanup_stale_sessions()
+        # Whatever is no longer live in the store leaves here too.
+        live = set(await core.list_ids())
+        for session_id in [sid for sid in self._sessions if sid not in live]:
+            self._drop(session_id)
+        return ended + expired
 
     async def get_session_metrics(self) -> dict[str, Any]:
-        """Counts and ages (seconds) of the sessions in memory, and ``persistence_enabled``."""
-        await self._ready()
+        """Counts and ages (seconds) of the sessions, and ``persistence_enabled``.
+
+        A persistent manager counts every session in the database (every replica's).
+        """
+        core = await self._ready()
+        if self.persistence_enabled:
+            return await core.get_session_metrics()
         now = self._now()
         sessions = list(self._sessions.values())
         ages = [now - session.created_at for session in sessions]
@@ -469,14 +489,10 @@ class SessionManager:
 
     async def recover_all_sessions(self) -> int:
         """Load every live persisted session; return how many were not in memory yet (0 in memory mode)."""
-        was_started = self._started
         core = await self._ready()
-        if not was_started:
-            return self._recovered_at_start
         if not core.persistence_enabled:
             return 0
-        await core.recover_all_sessions()
-        return self._adopt(core.sessions().values())
+        return self._adopt((await core.recover_all_sessions()).values())
 
     def __repr__(self) -> str:
         where = "persisted" if self.persistence_enabled else "in memory"

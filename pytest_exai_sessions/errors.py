@@ -29,6 +29,22 @@ class SessionNotFound(ExaiSessionsError, KeyError):
         return f"no active session {self.session_id!r} (unknown, removed, expired or timed out)"
 
 
+class SessionConflict(ExaiSessionsError):
+    """A compare-and-set write found another version than it expected; nothing was written."""
+
+    def __init__(self, session_id: str, *, expected_version: int, current_version: int) -> None:
+        super().__init__(session_id, expected_version, current_version)
+        self.session_id = session_id
+        self.expected_version = expected_version
+        self.current_version = current_version
+
+    def __str__(self) -> str:
+        return (
+            f"session {self.session_id!r} is at version {self.current_version}, not {self.expected_version}: "
+            "another writer changed it; read it again and retry"
+        )
+
+
 class PersistenceError(ExaiSessionsError):
     """The database refused or could not be reached; the operation did not take effect."""
 

@@ -1,4 +1,4 @@
-"""SessionManager: sessions in memory, every change written through to PostgreSQL first."""
+"""SessionManager: sessions in PostgreSQL, every read and write against the database, coherent across replicas."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
 from .events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE, EventStore, SessionEvents, SessionLifecycle
 from .memory import MemoryStore
-from .models import Event, Session, SessionState, check_duration_ms, check_session_id, stale_before
+from .models import Event, Session, check_duration_ms, check_session_id, stale_before
 from .store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -27,18 +27,25 @@ UPDATE_ATTRIBUTES = CREATE_ATTRIBUTES | {"state"}
 
 
 class SessionManager:
-    """Sessions in memory with write-through persistence and recovery after a restart.
+    """Sessions in PostgreSQL, served coherently by any number of managers (replicas) at once.
 
-    With a ``SessionStore``, every call writes to PostgreSQL before it returns, so a crash
-    right after a returned ``await`` loses nothing, and ``start()`` recovers every live
-    session. With ``store=None`` it keeps sessions in a ``MemoryStore``, in this process only
-    (what the original manager did): the same code path over the same interface.
+    The database is the one source of truth: every read (``get``, ``ensure``, ``request``,
+    ``list_ids``, metrics) asks it, and every write is one statement that commits before the
+    call returns. So a change acknowledged by one manager is seen by every call that starts
+    after it, on any manager, and a crash right after a returned ``await`` loses nothing.
+    Nothing is loaded at ``start()``: a replica serves at once, however many rows there are.
+    Process-local, and documented as such: the ``max_inflight`` slots of ``request()`` and
+    the periodic cleanup task (whose sweep is global: any replica's expires any session).
+
+    With ``store=None`` it keeps sessions in a ``MemoryStore``, in this process only (what
+    the original manager did): the same code path over the same interface.
 
     With ``record_events=True`` it also records its lifecycle in
     ``unified.event_metric_events`` (see ``SessionLifecycle``): a created, expired or
     removed session's event is written by the same statement as the change, so both
-    commit or neither does; each recovery records one event with the number of sessions.
-    Requests and updates record nothing (the hot path stays one statement).
+    commit or neither does, once per change whichever replica made it; each
+    ``recover_all_sessions()`` records one event with the number of sessions. Requests and
+    updates record nothing (the hot path stays one statement).
     """
 
     def __init__(
@@ -55,6 +62,8 @@ class SessionManager:
     ) -> None:
         """``close_store=True`` makes ``aclose()`` close the store too (for a store opened just for it).
 
+        ``max_concurrent_sessions``: how many sessions may be live in the store at once, for
+        every manager on it together (counted in the database when a session is created).
         ``clock``: where every "now" of the manager comes from (``created_at``,
         ``last_activity``, timeouts, ``expires_at``, cleanup): the real time by default, a
         test's ``ManualClock`` or ``DbClock`` to move time without waiting.
@@ -83,12 +92,8 @@ class SessionManager:
         self.cleanup_interval_secs = cleanup_interval_secs
         self.max_inflight = max_inflight
         self.last_cleanup_error: BaseException | None = None
-        self._sessions: dict[str, Session] = {}
-        self._slots: dict[str, asyncio.Semaphore] = {}
-        # One write at a time per session: rows come back in commit order, so the copy
-        # in memory never goes back to an older version of the row.
-        self._write_locks: dict[str, asyncio.Lock] = {}
-        self._creating = 0
+        # Process-local: the request() slots of the sessions this process is serving now.
+        self._slots: dict[str, _Slot] = {}
         self._cleanup_task: asyncio.Task[None] | None = None
         self._owns_store = close_store
         self._started = False
@@ -111,7 +116,7 @@ class SessionManager:
 
     @classmethod
     async def open(cls, dsn: str, *, store_options: Mapping[str, Any] | None = None, **options: Any) -> Self:
-        """The one way to build a persistent manager on a DSN: open its store, recover, start.
+        """The one way to build a persistent manager on a DSN: open its store, start.
 
         ``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts); ``options`` to
         the constructor (of ``cls``, so a subclass builds itself). ``aclose()`` closes the
@@ -141,10 +146,15 @@ class SessionManager:
     # lifecycle
 
     async def start(self) -> Self:
-        """Recover persisted sessions and start periodic cleanup; calling it again does nothing."""
+        """Start periodic cleanup; calling it again does nothing.
+
+        Nothing is loaded: every session is read from the store when it is used, so a
+        replica starts in the same time over ten rows or ten million.
+        """
         if self._started:
             return self
-        await self.recover_all_sessions()
+        # One bounded query (no rows): a database without the schema fails here, not at the first request.
+        await self.store.check()
         if self.cleanup_interval_secs > 0:
             self._cleanup_task = asyncio.create_task(self._cleanup_periodically(), name="exai-sessions-cleanup")
         self._started = True
@@ -200,31 +210,15 @@ class SessionManager:
     def _stale_before(self, now: datetime) -> datetime:
         return stale_before(now, self.session_timeout_secs)
 
+    def _window(self) -> dict[str, datetime]:
+        """``now`` and ``stale_before``, as every store call takes them."""
+        now = self._now()
+        return {"now": now, "stale_before": self._stale_before(now)}
+
     def is_session_timed_out(self, session: Session) -> bool:
         """True when the session is not active, idle past the timeout, or past ``expires_at``."""
         now = self._now()
         return not session.is_live(now, stale_before=self._stale_before(now))
-
-    def _live_in_memory(self, session_id: str) -> Session | None:
-        session = self._sessions.get(session_id)
-        if session is not None and self.is_session_timed_out(session):
-            return None
-        return session
-
-    def _forget(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
-        self._slots.pop(session_id, None)
-        lock = self._write_locks.get(session_id)
-        if lock is not None and not lock.locked():
-            # A held lock stays: a writer queued behind it must still be ordered by it.
-            del self._write_locks[session_id]
-
-    def _write_lock(self, session_id: str) -> asyncio.Lock:
-        lock = self._write_locks.get(session_id)
-        if lock is None:
-            # Only when missing: every write takes this lock, and most find it there.
-            lock = self._write_locks[session_id] = asyncio.Lock()
-        return lock
 
     def _lifecycle(self, event_type: SessionLifecycle, **data: Any) -> SessionEvents | None:
         """The lifecycle events a store call should record along with its change, if any."""
@@ -242,88 +236,48 @@ class SessionManager:
             session_id = secrets.token_urlsafe(32)
         else:
             session_id = check_session_id(session_id)
-        now = self._now()
-        # Validate before anything is written: bad input raises here and writes nothing. This
-        # comes before the in-memory lookup so that bad attrs raise whether or not the session exists.
+        window = self._window()
+        # Validate before anything is written: bad input raises here and writes nothing,
+        # whether or not the session exists.
+        now = window["now"]
         candidate = Session(session_id=session_id, created_at=now, last_activity=now, **attrs)
-        existing = self._live_in_memory(session_id)
+        existing = await self.store.fetch_live(session_id, **window)
         if existing is not None:
             return existing
-        # A timed-out copy must neither be returned nor count towards the limit.
-        self._forget(session_id)
-        async with self._write_lock(session_id):
-            # Another task may have created it while this one waited for the lock.
-            existing = self._live_in_memory(session_id)
-            if existing is not None:
-                return existing
-            stored = await self._create_or_load(candidate, now)
-            self._sessions[session_id] = stored
-        return stored
-
-    async def _create_or_load(self, candidate: Session, now: datetime) -> Session:
-        stale_before = self._stale_before(now)
-        session_id = candidate.session_id
-        if len(self._sessions) + self._creating >= self.max_concurrent_sessions:
-            # At the limit only an existing session may come in: loading is never refused.
-            loaded = await self.store.fetch_live(session_id, stale_before=stale_before, now=now)
-            if loaded is None:
-                raise SessionLimitExceeded(self.max_concurrent_sessions)
-            return loaded
-        self._creating += 1
         events = self._lifecycle(SessionLifecycle.CREATED)
-        try:
-            created = await self.store.create(candidate, stale_before=stale_before, now=now, events=events)
+        # Twice at most: a live row that went stale between the statements, then creating succeeds.
+        for _attempt in range(2):
+            created = await self.store.create(candidate, limit=self.max_concurrent_sessions, events=events, **window)
             if created is not None:
                 return created
-            loaded = await self.store.fetch_live(session_id, stale_before=stale_before, now=now)
-            if loaded is not None:
-                return loaded
-            # The live row went stale between the two statements: creating now succeeds.
-            created = await self.store.create(candidate, stale_before=stale_before, now=now, events=events)
-            if created is None:
-                raise PersistenceError(f"session {session_id!r} changed concurrently while being created; retry")
-            return created
-        finally:
-            self._creating -= 1
+            # Another replica (or task) created it meanwhile, or every slot is taken.
+            existing = await self.store.fetch_live(session_id, **window)
+            if existing is not None:
+                return existing
+        # At the limit only an existing session comes in: loading is never refused.
+        raise SessionLimitExceeded(self.max_concurrent_sessions)
 
     async def get(self, session_id: str) -> Session | None:
-        """The live session ``session_id`` (from memory, else the database), or None; never creates."""
+        """The live session ``session_id`` as the database holds it now, or None; never creates."""
         # A bad id is bad input (ValueError), not a database error from the lookup.
         check_session_id(session_id)
-        session = self._live_in_memory(session_id)
-        if session is not None:
-            return session
-        now = self._now()
-        loaded = await self.store.fetch_live(session_id, stale_before=self._stale_before(now), now=now)
-        if loaded is None:
-            # A timed-out copy stays for cleanup_stale_sessions(), which counts it and expires its row.
-            return None
-        self._sessions[session_id] = loaded
-        return loaded
+        return await self.store.fetch_live(session_id, **self._window())
 
     async def remove(self, session_id: str) -> None:
-        """Delete the session from memory and the database; unknown ids are ignored."""
+        """Delete the session, for every manager at once; unknown ids are ignored."""
         check_session_id(session_id)  # ignored means unknown, not invalid: a bad id raises ValueError
-        async with self._write_lock(session_id):
-            await self.store.delete(session_id, events=self._lifecycle(SessionLifecycle.REMOVED))
-        self._forget(session_id)
+        await self.store.delete(session_id, events=self._lifecycle(SessionLifecycle.REMOVED))
 
     async def list_ids(self) -> list[str]:
-        return list(self._sessions)
+        """The ids of every live session in the store (every replica's), sorted."""
+        return await self.store.live_ids(**self._window())
 
     async def update_activity(self, session_id: str, request_duration_ms: int | None = None) -> Session:
         """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now."""
         check_session_id(session_id)  # a ValueError, not a PersistenceError from the database
         duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
-        async with self._write_lock(session_id):
-            # Read once the lock is held: writes of one session commit in the order of their times.
-            now = self._now()
-            stored = await self.store.record_request(
-                session_id, duration_ms=duration, now=now, stale_before=self._stale_before(now)
-            )
-            updated = self._require_stored(session_id, stored)
-            self._sessions[session_id] = updated
-        return updated
+        stored = await self.store.record_request(session_id, duration_ms=duration, **self._window())
+        return _require_stored(session_id, stored)
 
     async def update_activity_many(self, requests: Iterable[tuple[str, int | None]]) -> dict[str, Session]:
         """Count many requests at once: ``[(session_id, duration_ms or None), ...]``.
@@ -341,17 +295,11 @@ class SessionManager:
             check_session_id(session_id)  # once per session, not per request: batches repeat ids
         if not totals:
             return {}
-        async with contextlib.AsyncExitStack() as locks:
-            # In a fixed order, so two overlapping batches cannot wait for each other.
-            for session_id in sorted(totals):
-                await locks.enter_async_context(self._write_lock(session_id))
-            now = self._now()
-            stored = await self.store.record_requests(totals, now=now, stale_before=self._stale_before(now))
-            found = {session.session_id: session for session in stored}
-            missing = [sid for sid in totals if sid not in found]
-            if missing:
-                raise SessionNotFound(missing[0])
-            self._sessions.update(found)
+        stored = await self.store.record_requests(totals, **self._window())
+        found = {session.session_id: session for session in stored}
+        missing = [sid for sid in totals if sid not in found]
+        if missing:
+            raise SessionNotFound(missing[0])
         return found
 
     async def update(
@@ -366,8 +314,15 @@ class SessionManager:
         user_agent: str | None = None,
         expires_at: datetime | None = None,
         state: str | None = None,
+        expected_version: int | None = None,
     ) -> Session:
-        """Replace the given fields (None leaves a field as it is) and refresh ``last_activity``."""
+        """Replace the given fields (None leaves a field as it is) and refresh ``last_activity``.
+
+        ``expected_version``: compare-and-set. Write only if the stored ``version`` is that
+        one; otherwise raise ``SessionConflict`` (with ``current_version``) and write nothing.
+        """
+        if expected_version is not None:
+            _require_version(expected_version)
         given = {
             "data": data,
             "metadata": metadata,
@@ -382,103 +337,122 @@ class SessionManager:
         # Validated as a whole record, so update() obeys exactly the rules ensure() does.
         validated = Session.model_validate({"session_id": session_id, **given})
         changes = {name: getattr(validated, name) for name in given}
-        async with self._write_lock(session_id):
-            now = self._now()
-            stored = await self.store.update(session_id, changes, now=now, stale_before=self._stale_before(now))
-            updated = self._require_stored(session_id, stored)
-            self._apply_update(session_id, updated)
-        return updated
+        stored = await self.store.update(session_id, changes, expected_version=expected_version, **self._window())
+        return _require_stored(session_id, stored)
 
-    def _apply_update(self, session_id: str, updated: Session) -> None:
-        if updated.state is SessionState.ACTIVE:
-            self._sessions[session_id] = updated
-        else:
-            self._forget(session_id)
+    async def merge_data(self, session_id: str, patch: dict[str, Any]) -> Session:
+        """Merge ``patch``'s top-level keys into ``data`` in the database; return the stored session.
+
+        One statement: concurrent merges from any number of managers all survive (a key set
+        twice keeps the last write). The patch obeys the rules of ``data``, and so does the
+        merged object (its size): bad input raises ValueError and writes nothing.
+        """
+        validated = Session.model_validate({"session_id": session_id, "data": patch})
+        stored = await self.store.merge_data(session_id, validated.data, **self._window())
+        return _require_stored(session_id, stored)
 
     @asynccontextmanager
     async def request(self, session_id: str) -> AsyncIterator[Session]:
-        """Hold one of the session's ``max_inflight`` slots; on exit count the request and its duration."""
+        """Hold one of the session's ``max_inflight`` slots; on exit count the request and its duration.
+
+        The slots are this process's: each replica allows ``max_inflight`` of its own.
+        """
         session = await self.get(session_id)
         if session is None:
             raise SessionNotFound(session_id)
-        slot = self._slots.setdefault(session_id, asyncio.Semaphore(self.max_inflight))
-        async with slot:
-            started = time.monotonic()
-            try:
-                yield session
-            finally:
-                elapsed_ms = int((time.monotonic() - started) * 1000)
-                await self.update_activity(session_id, request_duration_ms=elapsed_ms)
+        slot = self._slots.get(session_id)
+        if slot is None:
+            slot = self._slots[session_id] = _Slot(asyncio.Semaphore(self.max_inflight))
+        slot.holders += 1
+        try:
+            async with slot.semaphore:
+                started = time.monotonic()
+                try:
+                    yield session
+                finally:
+                    elapsed_ms = int((time.monotonic() - started) * 1000)
+                    await self.update_activity(session_id, request_duration_ms=elapsed_ms)
+        finally:
+            slot.holders -= 1
+            if slot.holders == 0:
+                del self._slots[session_id]  # nobody holds or waits for it: nothing to keep
 
     async def cleanup_stale_sessions(self) -> int:
-        """Drop timed-out sessions from memory and mark them expired in the database; return how many."""
-        stale = [sid for sid, session in self._sessions.items() if self.is_session_timed_out(session)]
-        if not stale:
-            return 0
-        now = self._now()
-        await self.store.expire(
-            stale,
-            stale_before=self._stale_before(now),
-            now=now,
-            events=self._lifecycle(SessionLifecycle.EXPIRED, reason="timed out"),
+        """Mark every timed-out session of the store expired (any replica's); return how many.
+
+        Two managers sweeping at once expire each session once (and record its event once).
+        """
+        expired = await self.store.expire_stale(
+            events=self._lifecycle(SessionLifecycle.EXPIRED, reason="timed out"), **self._window()
         )
-        for session_id in stale:
-            self._forget(session_id)
-        return len(stale)
+        return len(expired)
 
     async def get_session_metrics(self) -> dict[str, Any]:
-        """Counts and ages (seconds) of the sessions in memory."""
-        now = self._now()
-        ages = [(now - session.created_at).total_seconds() for session in self._sessions.values()]
-        active = sum(1 for session in self._sessions.values() if not self.is_session_timed_out(session))
+        """Counts and ages (seconds) of the store's sessions still marked active (every replica's)."""
+        metrics = await self.store.metrics(**self._window())
         return {
-            "total_sessions": len(ages),
-            "active_sessions": active,
-            "oldest_session_age": max(ages, default=0.0),
-            "newest_session_age": min(ages, default=0.0),
-            "avg_session_age": sum(ages) / len(ages) if ages else 0.0,
+            "total_sessions": metrics.total,
+            "active_sessions": metrics.live,
+            "oldest_session_age": metrics.oldest_age,
+            "newest_session_age": metrics.newest_age,
+            "avg_session_age": metrics.average_age,
             "persistence_enabled": self.persistence_enabled,
         }
 
-    async def recover_all_sessions(self) -> int:
-        """Load every live persisted session into memory, however many, even above the limit."""
-        now = self._now()
+    async def recover_all_sessions(self) -> dict[str, Session]:
+        """Every live session in the store by id, however many: a complete recovery, on request.
+
+        Streamed from the database in batches. With ``record_events`` it records one
+        RECOVERED event with the number of sessions.
+        """
         started = time.monotonic()
-        recovered = 0
-        async for session in self.store.iter_live(stale_before=self._stale_before(now), now=now):
-            self._sessions[session.session_id] = session
-            recovered += 1
+        recovered = {session.session_id: session async for session in self.store.iter_live(**self._window())}
         if self.events is not None:
-            # After loading: the sessions in memory are what the database holds either way,
-            # and a failure to record raises like any other database error.
+            # A failure to record raises like any other database error.
             await self.events.record(
                 Event(
                     event_type=SessionLifecycle.RECOVERED,
                     event_category=LIFECYCLE_CATEGORY,
                     source_system=LIFECYCLE_SOURCE,
-                    event_metrics={"sessions": recovered},
+                    event_metrics={"sessions": len(recovered)},
                     duration_ms=int((time.monotonic() - started) * 1000),
                 )
             )
         return recovered
 
-    def in_memory(self, session_id: str) -> Session | None:
-        """The record held in memory for ``session_id``, live or not; no database call."""
-        return self._sessions.get(session_id)
+    def live_sessions(self) -> dict[str, Session]:
+        """What this manager would serve now: every live session in the store, by id.
 
-    def sessions(self) -> dict[str, Session]:
-        """A copy of the in-memory sessions by id (the records are immutable)."""
-        return dict(self._sessions)
-
-    def _require_stored(self, session_id: str, stored: Session | None) -> Session:
-        if stored is None:
-            self._forget(session_id)
-            raise SessionNotFound(session_id)
-        return stored
+        Synchronous (a connection of its own, no event loop), for snapshots in crash tests;
+        it works on an abandoned manager too.
+        """
+        now = self._now()
+        return self.store.read_live(stale_before=self._stale_before(now), now=now)
 
     def __repr__(self) -> str:
         where = "persisted" if self.persistence_enabled else "in memory"
-        return f"<{type(self).__name__} {len(self._sessions)} sessions, {where}>"
+        return f"<{type(self).__name__} {where}, {self.store!r}>"
+
+
+class _Slot:
+    """A session's ``request()`` semaphore, and how many callers hold or wait for it."""
+
+    __slots__ = ("holders", "semaphore")
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self.semaphore = semaphore
+        self.holders = 0
+
+
+def _require_stored(session_id: str, stored: Session | None) -> Session:
+    if stored is None:
+        raise SessionNotFound(session_id)
+    return stored
+
+
+def _require_version(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected_version must be a whole number >= 1 (a Session.version), got {value!r}")
 
 
 def _require_positive(name: str, value: float) -> None:

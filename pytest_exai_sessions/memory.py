@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self
 
-from .models import Session, SessionState
+from .errors import SessionConflict
+from .models import Session, SessionMetrics, SessionState, check_json_object
 
 if TYPE_CHECKING:
     from .events import SessionEvents
@@ -55,14 +56,37 @@ class MemoryStore:
         return row
 
     async def create(
-        self, session: Session, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+        self,
+        session: Session,
+        *,
+        stale_before: datetime,
+        now: datetime,
+        limit: int | None = None,
+        events: SessionEvents | None = None,
     ) -> Session | None:
-        """Insert ``session``, or restart a row under its id that is no longer live; None while one is."""
+        """Insert ``session``, or restart a row under its id that is no longer live.
+
+        None while a live session holds the id, or when ``limit`` sessions are live.
+        """
         _no_events(events)
-        if self._live(session.session_id, stale_before=stale_before, now=now) is not None:
+        live = sum(1 for row in self._rows.values() if row.is_live(now, stale_before=stale_before))
+        if (limit is not None and live >= limit) or self._live(
+            session.session_id, stale_before=stale_before, now=now
+        ) is not None:
             return None
-        self._rows[session.session_id] = _copy(session)
+        old = self._rows.get(session.session_id)
+        # A restarted id goes on from the old row's version, as in the database.
+        version = 1 if old is None else old.version + 1
+        self._rows[session.session_id] = _copy(session, version=version)
         return _copy(self._rows[session.session_id])
+
+    async def check(self) -> None:
+        """Nothing to check: the dict is always there."""
+
+    async def fetch(self, session_id: str) -> Session | None:
+        """The row of ``session_id`` in any state, live or not."""
+        row = self._rows.get(session_id)
+        return None if row is None else _copy(row)
 
     async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
         row = self._live(session_id, stale_before=stale_before, now=now)
@@ -96,14 +120,58 @@ class MemoryStore:
                 request_count=row.request_count + count,
                 total_duration_ms=row.total_duration_ms + duration_ms,
                 last_activity=now,
+                version=row.version + 1,
             )
         return [_copy(self._rows[session_id]) for session_id in requests]
 
     async def update(
-        self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
+        self,
+        session_id: str,
+        changes: Mapping[str, Any],
+        *,
+        now: datetime,
+        stale_before: datetime,
+        expected_version: int | None = None,
     ) -> Session | None:
-        """Set the given fields and ``last_activity``; None when no live session has the id."""
+        """Set the given fields and ``last_activity``; None when no live session has the id.
+
+        ``expected_version``: only at that version, else ``SessionConflict``.
+        """
+        row = self._live(session_id, stale_before=stale_before, now=now)
+        if row is not None and expected_version is not None and row.version != expected_version:
+            raise SessionConflict(session_id, expected_version=expected_version, current_version=row.version)
         return await self._change(session_id, stale_before=stale_before, now=now, changes_of=lambda _row: dict(changes))
+
+    async def merge_data(
+        self, session_id: str, patch: Mapping[str, Any], *, now: datetime, stale_before: datetime
+    ) -> Session | None:
+        """Merge ``patch``'s top-level keys into ``data``; None when not live; the size limit holds for the result."""
+        row = self._live(session_id, stale_before=stale_before, now=now)
+        if row is None:
+            return None
+        check_json_object({**row.data, **patch})
+        return await self._change(
+            session_id, stale_before=stale_before, now=now, changes_of=lambda row: {"data": {**row.data, **patch}}
+        )
+
+    async def live_ids(self, *, stale_before: datetime, now: datetime) -> list[str]:
+        return sorted(self.read_live(stale_before=stale_before, now=now))
+
+    async def metrics(self, *, stale_before: datetime, now: datetime) -> SessionMetrics:
+        """Counts and ages (seconds at ``now``) of the sessions still marked active."""
+        active = [row for row in self._rows.values() if row.state is SessionState.ACTIVE]
+        ages = [(now - row.created_at).total_seconds() for row in active]
+        live = sum(1 for row in active if row.is_live(now, stale_before=stale_before))
+        average = sum(ages) / len(ages) if ages else 0.0
+        return SessionMetrics(len(active), live, max(ages, default=0.0), min(ages, default=0.0), average)
+
+    def read_live(self, *, stale_before: datetime, now: datetime) -> dict[str, Session]:
+        """Every live session by id, without an event loop."""
+        return {
+            session_id: _copy(row)
+            for session_id, row in self._rows.items()
+            if row.is_live(now, stale_before=stale_before)
+        }
 
     async def _change(
         self,
@@ -117,23 +185,22 @@ class MemoryStore:
         row = self._live(session_id, stale_before=stale_before, now=now)
         if row is None:
             return None
-        self._rows[session_id] = _copy(row, **changes_of(row), last_activity=now)
+        self._rows[session_id] = _copy(row, **changes_of(row), last_activity=now, version=row.version + 1)
         return _copy(self._rows[session_id])
 
     async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
         _no_events(events)
         return self._rows.pop(session_id, None) is not None
 
-    async def expire(
-        self, session_ids: list[str], *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+    async def expire_stale(
+        self, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None, batch_size: int = 5000
     ) -> list[str]:
-        """Mark the given active sessions that are no longer live expired; return those ids."""
+        """Mark every active session that is no longer live expired; return their ids."""
         _no_events(events)
         expired = []
-        for session_id in dict.fromkeys(session_ids):
-            row = self._rows.get(session_id)
-            if row is not None and row.state is SessionState.ACTIVE and not row.is_live(now, stale_before=stale_before):
-                self._rows[session_id] = _copy(row, state=SessionState.EXPIRED)
+        for session_id, row in list(self._rows.items()):
+            if row.state is SessionState.ACTIVE and not row.is_live(now, stale_before=stale_before):
+                self._rows[session_id] = _copy(row, state=SessionState.EXPIRED, version=row.version + 1)
                 expired.append(session_id)
         return expired
 

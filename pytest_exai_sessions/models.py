@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from ipaddress import ip_address
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
@@ -149,6 +149,16 @@ def stale_before(now: datetime, session_timeout_secs: float) -> datetime:
     return now - timedelta(seconds=session_timeout_secs)
 
 
+class SessionMetrics(NamedTuple):
+    """What a store counts: sessions still marked active, the live ones, and their ages in seconds."""
+
+    total: int
+    live: int
+    oldest_age: float
+    newest_age: float
+    average_age: float
+
+
 def is_live(
     state: SessionState, last_activity: datetime, expires_at: datetime | None, *, now: datetime, stale_before: datetime
 ) -> bool:
@@ -191,6 +201,8 @@ class Session(BaseModel):
     created_at: UtcDatetime = Field(default_factory=utc_now)
     last_activity: UtcDatetime = Field(default_factory=utc_now)
     expires_at: UtcDatetime | None = None
+    # 1 when created; every write of the row adds 1 (compare-and-set: update(expected_version=)).
+    version: StrictInt = Field(default=1, ge=1)
 
     @field_validator("ip_address")
     @classmethod
@@ -228,6 +240,7 @@ class Session(BaseModel):
                 "created_at": created_at.astimezone(UTC),
                 "last_activity": last_activity.astimezone(UTC),
                 "expires_at": None if expires_at is None else expires_at.astimezone(UTC),
+                "version": row["version"],
             }
         )
 

@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self, Unpack
 
+import psycopg
 from psycopg import Rollback, sql
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
-from .db import Database, PoolOptions, Query, tuple_cursor
-from .errors import PersistenceError
-from .models import Session
+from .db import Database, PoolOptions, Query, database_errors, tuple_cursor
+from .errors import PersistenceError, SessionConflict
+from .models import Session, SessionMetrics, check_json_object
 
 if TYPE_CHECKING:
     from .events import SessionEvents
@@ -39,6 +40,24 @@ COLUMNS: Mapping[str, str] = {
     "created_at": "created_at",
     "last_activity": "last_activity_at",
     "expires_at": "expires_at",
+    "version": "version",
+}
+# Column types, for the INSERT ... SELECT of create(), whose values get no type from the target.
+_TYPES: Mapping[str, str] = {
+    "session_id": "text",
+    "state": "text",
+    "user_id": "text",
+    "user_type": "text",
+    "ip_address": "inet",
+    "user_agent": "text",
+    "data": "jsonb",
+    "metadata": "jsonb",
+    "request_count": "bigint",
+    "total_duration_ms": "bigint",
+    "created_at": "timestamptz",
+    "last_activity": "timestamptz",
+    "expires_at": "timestamptz",
+    "version": "bigint",
 }
 # Sessions come back as tuples in this order, the order of _RETURNING's columns.
 _FIELDS = tuple(COLUMNS)
@@ -95,24 +114,42 @@ def _compiled(query: sql.Composable) -> bytes:
     return query.as_bytes(None)
 
 
-def _create_query_composed() -> sql.Composed:
+def _create_query_composed(*, limited: bool) -> sql.Composed:
     columns = sql.SQL(", ").join(sql.Identifier(column) for column in COLUMNS.values())
-    values = sql.SQL(", ").join(sql.Placeholder(field) for field in COLUMNS)
-    # created_at restarts too: a restarted id is a new session.
+    values = sql.SQL(", ").join(
+        sql.SQL("CAST({p} AS {t})").format(p=sql.Placeholder(field), t=sql.SQL(_TYPES[field])) for field in COLUMNS
+    )
+    # created_at restarts too: a restarted id is a new session. Its version goes on from the
+    # old row's, so a compare-and-set that read the old session cannot hit the new one.
     updates = sql.SQL(", ").join(
-        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(column))
+        sql.SQL("{c} = sessions.{c} + 1").format(c=sql.Identifier(column))
+        if field == "version"
+        else sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(column))
         for field, column in COLUMNS.items()
         if field != "session_id"
     )
+    # With a limit, the slot is reserved (the count taken under a lock all creators take) in
+    # the same statement, so a replica's count and its insert are one step for every other one.
+    reserve = (
+        sql.SQL(" WHERE unified.reserve_session_slot(%(limit)s, %(stale_before)s, %(now)s)") if limited else sql.SQL("")
+    )
     return sql.SQL(
-        "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
+        "INSERT INTO {table} AS sessions ({columns}) SELECT {values}{reserve}"
         " ON CONFLICT (session_id) DO UPDATE SET {updates} WHERE NOT ({live}) RETURNING {returning}"
-    ).format(table=_TABLE, columns=columns, values=values, updates=updates, live=_LIVE_SESSIONS, returning=_RETURNING)
+    ).format(
+        table=_TABLE,
+        columns=columns,
+        values=values,
+        reserve=reserve,
+        updates=updates,
+        live=_LIVE_SESSIONS,
+        returning=_RETURNING,
+    )
 
 
 @functools.cache
-def _create_query() -> bytes:
-    return _compiled(_create_query_composed())
+def _create_query(*, limited: bool) -> bytes:
+    return _compiled(_create_query_composed(limited=limited))
 
 
 @functools.cache
@@ -125,11 +162,21 @@ def _fetch_live_query() -> bytes:
 
 
 @functools.cache
+def _fetch_query() -> bytes:
+    return _compiled(
+        sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s").format(
+            returning=_RETURNING, table=_TABLE
+        )
+    )
+
+
+@functools.cache
 def _record_request_query() -> bytes:
     return _compiled(
         sql.SQL(
             "UPDATE {table} AS sessions SET request_count = request_count + 1,"
-            " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s"
+            " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s,"
+            " version = version + 1"
             " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
         ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
     )
@@ -142,7 +189,8 @@ def _record_requests_query() -> bytes:
     return _compiled(
         sql.SQL(
             "UPDATE {table} AS sessions SET request_count = request_count + batch.requests,"
-            " total_duration_ms = total_duration_ms + batch.duration_ms, last_activity_at = %(now)s"
+            " total_duration_ms = total_duration_ms + batch.duration_ms, last_activity_at = %(now)s,"
+            " version = version + 1"
             " FROM unnest(%(ids)s::text[], %(counts)s::bigint[], %(durations)s::bigint[])"
             " AS batch(batch_session_id, requests, duration_ms)"
             " WHERE sessions.session_id = ANY(%(ids)s::text[]) AND sessions.session_id = batch.batch_session_id"
@@ -151,15 +199,69 @@ def _record_requests_query() -> bytes:
     )
 
 
-def _update_query(fields: Iterable[str]) -> sql.Composed:
-    """Set each of ``fields`` from the parameter ``set_<field>``, and ``last_activity`` from ``now``."""
+def _update_query(fields: Iterable[str], *, compare_version: bool) -> sql.Composed:
+    """Set each of ``fields`` from the parameter ``set_<field>``, and ``last_activity`` from ``now``.
+
+    ``compare_version``: only where the row is at ``expected_version`` (compare-and-set).
+    """
     assignments: list[sql.Composable] = [
         sql.SQL("{c} = {p}").format(c=sql.Identifier(COLUMNS[f]), p=sql.Placeholder(f"set_{f}")) for f in fields
     ]
-    assignments.append(sql.SQL("last_activity_at = %(now)s"))
+    assignments.append(sql.SQL("last_activity_at = %(now)s, version = version + 1"))
+    guard = sql.SQL(" AND version = %(expected_version)s") if compare_version else sql.SQL("")
     return sql.SQL(
-        "UPDATE {table} AS sessions SET {assignments} WHERE session_id = %(id)s AND {live} RETURNING {returning}"
-    ).format(table=_TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_FOUND, returning=_RETURNING)
+        "UPDATE {table} AS sessions SET {assignments} WHERE session_id = %(id)s AND {live}{guard} RETURNING {returning}"
+    ).format(
+        table=_TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_FOUND, guard=guard, returning=_RETURNING
+    )
+
+
+@functools.cache
+def _merge_query() -> bytes:
+    # jsonb || merges top-level keys in the database: concurrent merges never overwrite
+    # each other's keys, as a read-modify-write of the whole object in Python would.
+    return _compiled(
+        sql.SQL(
+            "UPDATE {table} AS sessions SET session_data = session_data || %(patch)s, last_activity_at = %(now)s,"
+            " version = version + 1 WHERE session_id = %(id)s AND {live} RETURNING {returning}"
+        ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
+    )
+
+
+@functools.cache
+def _live_ids_query() -> bytes:
+    return _compiled(
+        sql.SQL("SELECT session_id FROM {table} AS sessions WHERE {live} ORDER BY session_id").format(
+            table=_TABLE, live=_LIVE_SESSIONS
+        )
+    )
+
+
+@functools.cache
+def _metrics_query() -> bytes:
+    # Over the rows still marked active (idle ones included until cleanup expires them), as the
+    # manager's metrics have always counted; "live" is the liveness rule at ``now``.
+    age = sql.SQL("extract(epoch FROM %(now)s - created_at)::float8")
+    return _compiled(
+        sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE {live}), max({age}), min({age}), avg({age})"
+            " FROM {table} AS sessions WHERE session_state = 'active'"
+        ).format(table=_TABLE, live=_LIVE_SESSIONS, age=age)
+    )
+
+
+def _expire_stale_query() -> sql.Composed:
+    # In batches, so that one sweep over a backlog of millions holds no lock for long; the
+    # index on (session_state, last_activity_at) and the one on expires_at find the rows.
+    # The UPDATE checks liveness again on the row it locked: a session another replica
+    # used meanwhile is not expired, and of two replicas sweeping at once one expires each row.
+    return sql.SQL(
+        "WITH stale AS (SELECT id FROM {table} AS sessions WHERE session_state = 'active'"
+        " AND (last_activity_at < %(stale_before)s OR expires_at <= %(now)s) LIMIT %(batch)s)"
+        " UPDATE {table} AS sessions SET session_state = 'expired', version = version + 1"
+        " FROM stale WHERE sessions.id = stale.id AND session_state = 'active' AND NOT ({live})"
+        " RETURNING session_id, user_id"
+    ).format(table=_TABLE, live=_LIVE_SESSIONS)
 
 
 def _param(field: str, value: Any) -> Any:
@@ -235,20 +337,40 @@ class SessionStore:
         return None if row is None else _to_session(row)
 
     async def create(
-        self, session: Session, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+        self,
+        session: Session,
+        *,
+        stale_before: datetime,
+        now: datetime,
+        limit: int | None = None,
+        events: SessionEvents | None = None,
     ) -> Session | None:
         """Insert ``session``, or restart a row under its id that is no longer live.
 
-        Returns the stored row, or None when a live session already holds the id.
+        Returns the stored row, or None when a live session already holds the id or
+        ``limit`` sessions are live (in the whole database: every replica's count).
         ``events``: also record a lifecycle event for the row, in the same statement.
         """
-        query: Query = _create_query()
+        limited = limit is not None
+        query: Query = _create_query(limited=limited)
         params: dict[str, Any] = {}
         if events is not None:
-            query, params = _logged(_create_query_composed(), events, sql.SQL("*"))
+            query, params = _logged(_create_query_composed(limited=limited), events, sql.SQL("*"))
         params.update({f: _param(f, getattr(session, f)) for f in COLUMNS})
-        params.update(stale_before=stale_before, now=now)
+        params.update(limit=limit, stale_before=stale_before, now=now)
         return await self._fetch_one(f"creating session {session.session_id!r}", query, params)
+
+    async def check(self) -> None:
+        """Raise PersistenceError unless ``public.sessions`` has every column the store reads (reads no row)."""
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions LIMIT 0").format(
+            returning=_RETURNING, table=_TABLE
+        )
+        async with self.database.connection("checking public.sessions") as conn:
+            await conn.execute(query)
+
+    async def fetch(self, session_id: str) -> Session | None:
+        """The row of ``session_id`` in any state, live or not (None: there is none)."""
+        return await self._fetch_one(f"reading session {session_id!r}", _fetch_query(), {"id": session_id})
 
     async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
         params = {"id": session_id, "stale_before": stale_before, "now": now}
@@ -288,12 +410,64 @@ class SessionStore:
         return [_to_session(row) for row in rows]
 
     async def update(
-        self, session_id: str, changes: Mapping[str, Any], *, now: datetime, stale_before: datetime
+        self,
+        session_id: str,
+        changes: Mapping[str, Any],
+        *,
+        now: datetime,
+        stale_before: datetime,
+        expected_version: int | None = None,
     ) -> Session | None:
-        """Set the given fields and ``last_activity``; None when no live session has the id."""
+        """Set the given fields and ``last_activity``; None when no live session has the id.
+
+        ``expected_version``: write only if the row is at that version, else raise
+        ``SessionConflict`` with the version it is at (and write nothing).
+        """
         params: dict[str, Any] = {f"set_{f}": _param(f, value) for f, value in changes.items()}
-        params.update(id=session_id, now=now, stale_before=stale_before)
-        return await self._fetch_one(f"updating session {session_id!r}", _update_query(changes), params)
+        params.update(id=session_id, now=now, stale_before=stale_before, expected_version=expected_version)
+        query = _update_query(changes, compare_version=expected_version is not None)
+        stored = await self._fetch_one(f"updating session {session_id!r}", query, params)
+        if stored is None and expected_version is not None:
+            current = await self.fetch_live(session_id, stale_before=stale_before, now=now)
+            if current is not None:
+                raise SessionConflict(session_id, expected_version=expected_version, current_version=current.version)
+        return stored
+
+    async def merge_data(
+        self, session_id: str, patch: Mapping[str, Any], *, now: datetime, stale_before: datetime
+    ) -> Session | None:
+        """Merge ``patch``'s top-level keys into ``data`` in one statement; None when not live.
+
+        When the merged ``data`` would break the size limit, ValueError, and nothing is written.
+        """
+        params = {"id": session_id, "patch": Jsonb(patch), "now": now, "stale_before": stale_before}
+        action = f"merging into the data of session {session_id!r}"
+        async with self.database.connection(action) as conn, conn.transaction():
+            cur = tuple_cursor(conn.cursor(row_factory=tuple_row))
+            await cur.execute(_merge_query(), params)
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            stored = _to_session(row)
+            # Raising rolls the merge back: the limit holds for the merged object, which
+            # only the database sees whole.
+            check_json_object(stored.data)
+        return stored
+
+    async def live_ids(self, *, stale_before: datetime, now: datetime) -> list[str]:
+        """The ids of every live session, sorted."""
+        params = {"stale_before": stale_before, "now": now}
+        async with self.database.connection("listing live sessions") as conn:
+            cur = await conn.execute(_live_ids_query(), params)
+            return [row[0] for row in await cur.fetchall()]
+
+    async def metrics(self, *, stale_before: datetime, now: datetime) -> SessionMetrics:
+        """Counts and ages (seconds at ``now``) of the sessions still marked active."""
+        params = {"stale_before": stale_before, "now": now}
+        row = await self.database.fetch_one("reading session metrics", _metrics_query(), params)
+        assert row is not None  # an aggregate always returns its row
+        total, live, oldest, newest, average = row
+        return SessionMetrics(total, live, oldest or 0.0, newest or 0.0, average or 0.0)
 
     async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
         """Delete the row; False when there was none. ``events``: record it, in the same statement."""
@@ -306,24 +480,23 @@ class SessionStore:
             cur = await conn.execute(query, params)
             return cur.rowcount > 0
 
-    async def expire(
-        self, session_ids: list[str], *, stale_before: datetime, now: datetime, events: SessionEvents | None = None
+    async def expire_stale(
+        self, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None, batch_size: int = 5000
     ) -> list[str]:
-        """Mark the given sessions expired where they are no longer live; return those ids.
+        """Mark every active session that is no longer live expired, in any replica's name; return their ids.
 
-        The liveness guard keeps a session another replica just used from being expired.
-        ``events``: record one event per expired session, in the same statement.
+        ``events``: record one event per expired session, in the same statement as its change.
         """
-        change = sql.SQL(
-            "UPDATE {table} AS sessions SET session_state = 'expired'"
-            " WHERE session_id = ANY(%(ids)s) AND session_state = 'active' AND NOT ({live})"
-            " RETURNING session_id, user_id"
-        ).format(table=_TABLE, live=_LIVE_SESSIONS)
-        query, params = _logged(change, events, sql.SQL("session_id"))
-        params.update(ids=session_ids, stale_before=stale_before, now=now)
-        async with self.database.connection(f"expiring {len(session_ids)} sessions") as conn:
-            cur = await conn.execute(query, params)
-            return [row[0] for row in await cur.fetchall()]
+        query, params = _logged(_expire_stale_query(), events, sql.SQL("session_id"))
+        params.update(stale_before=stale_before, now=now, batch=batch_size)
+        expired: list[str] = []
+        while True:
+            async with self.database.connection("expiring timed-out sessions") as conn:
+                cur = await conn.execute(query, params)
+                batch = [row[0] for row in await cur.fetchall()]
+            expired += batch
+            if len(batch) < batch_size:
+                return expired
 
     async def delete_all(self) -> int:
         """Delete every row, live or not; return how many (for tests that start afresh, never in production)."""
@@ -342,6 +515,19 @@ class SessionStore:
         params = {"stale_before": stale_before, "now": now}
         async for row in self.database.stream("recovering sessions", query, params, batch_size=batch_size):
             yield _to_session(row)
+
+    def read_live(self, *, stale_before: datetime, now: datetime) -> dict[str, Session]:
+        """Every live session by id, read on a connection of its own without an event loop.
+
+        For synchronous callers (``snapshot``): works while the pool is closed or abandoned.
+        """
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
+            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+        )
+        with database_errors("reading live sessions"), psycopg.connect(self.conninfo, autocommit=True) as conn:
+            rows = conn.cursor(row_factory=tuple_row).execute(query, {"stale_before": stale_before, "now": now})
+            sessions = [_to_session(row) for row in rows]
+        return {session.session_id: session for session in sessions}
 
     async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:
         """Every row, live or not (for checks after a crash), streamed like ``iter_live``."""

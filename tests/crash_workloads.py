@@ -35,10 +35,8 @@ class ForgetfulManager(SessionManager):
     """What the status report's manager did: it reports a counted request it never wrote."""
 
     async def update_activity(self, session_id, request_duration_ms=None):
-        session = self.sessions()[session_id]
-        counted = session.model_copy(update={"request_count": session.request_count + 1})
-        self._sessions[session_id] = counted
-        return counted
+        session = await self.get(session_id)
+        return session.model_copy(update={"request_count": session.request_count + 1, "version": session.version + 1})
 
 
 async def counting(ctx):

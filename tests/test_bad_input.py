@@ -157,13 +157,13 @@ async def all_rows(manager):
 @pytest.mark.parametrize(("operation", "message"), BAD_INPUTS)
 async def test_bad_input_raises_a_clear_error_and_writes_nothing(manager, operation, message):
     rows_before = await all_rows(manager)
-    sessions_before = manager.sessions()
+    sessions_before = manager.live_sessions()
 
     with pytest.raises((ValueError, TypeError), match=message):
         await operation(manager)
 
     assert await all_rows(manager) == rows_before
-    assert manager.sessions() == sessions_before
+    assert manager.live_sessions() == sessions_before
     assert (await manager.get(EXISTING)).data == {"kept": True}
 
 
@@ -192,4 +192,4 @@ async def test_sql_in_an_id_or_a_value_is_stored_as_plain_text(session_manager, 
     await session_manager.remove(INJECTION)
 
     assert await session_manager.list_ids() == ["bystander"]
-    assert (await session_manager_factory()).sessions().keys() == {"bystander"}
+    assert (await session_manager_factory()).live_sessions().keys() == {"bystander"}

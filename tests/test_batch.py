@@ -15,7 +15,7 @@ async def test_a_batch_counts_every_request_and_returns_the_stored_sessions(pers
     result = await manager.update_activity_many([("a", 10), ("b", None), ("a", 5), ("a", 0)])
 
     assert {sid: (s.request_count, s.total_duration_ms) for sid, s in result.items()} == {"a": (3, 15), "b": (1, 0)}
-    assert manager.sessions()["a"] == result["a"]
+    assert manager.live_sessions()["a"] == result["a"]
     assert await manager.update_activity_many([]) == {}
 
 
@@ -27,7 +27,7 @@ async def test_an_unknown_session_means_nothing_is_counted(persistence, make_bat
     with pytest.raises(SessionNotFound, match="'ghost'"):
         await manager.update_activity_many([("a", 1), ("ghost", 1)])
 
-    assert manager.sessions()["a"].request_count == 0
+    assert manager.live_sessions()["a"].request_count == 0
     if persistence is not None:
         with psycopg.connect(exai_dsn) as conn:
             assert conn.execute("SELECT request_count FROM public.sessions WHERE session_id = 'a'").fetchone() == (0,)
@@ -39,7 +39,7 @@ async def test_bad_input_in_a_batch_writes_nothing(persistence, make_batch_manag
     await manager.ensure("a")
     with pytest.raises(ValueError, match="negative"):
         await manager.update_activity_many([("a", 1), ("a", -5)])
-    assert manager.sessions()["a"].request_count == 0
+    assert manager.live_sessions()["a"].request_count == 0
 
 
 @pytest.mark.asyncio

@@ -300,6 +300,8 @@ async def test_remove_forgets_a_session_and_ignores_unknown_ids(mode):
 
 @pytest.mark.asyncio
 async def test_two_managers_are_independent_in_memory(mode):
+    if mode.persisted:
+        pytest.skip("persistent managers on one database are replicas of one set of sessions (next test)")
     first = mode.make(max_concurrent_sessions=1)
     second = mode.make(max_concurrent_sessions=1)
     await second.list_ids()  # both running before anything is written
@@ -309,16 +311,39 @@ async def test_two_managers_are_independent_in_memory(mode):
 
     assert await second.list_ids() == ["session-2"]
     assert await first.list_ids() == ["session-1"]
-    if mode.persisted:
-        # One database: a replica loads what the other wrote, into an object of its own.
-        loaded = await second.get("session-1")
-        assert loaded is not mine
-        assert (loaded.session_id, loaded.created_at) == (mine.session_id, mine.created_at)
-    else:
-        assert await second.get("session-1") is None
+    assert await second.get("session-1") is None
     await second.remove("session-2")
     assert await first.get("session-1") is mine
     assert theirs.session_id not in await second.list_ids()
+
+
+@pytest.mark.asyncio
+async def test_persistent_managers_on_one_database_serve_one_set_of_sessions(mode):
+    if not mode.persisted:
+        pytest.skip("in-memory managers share nothing (previous test)")
+    first = mode.make(max_concurrent_sessions=2)
+    second = mode.make(max_concurrent_sessions=2)
+    await second.list_ids()  # both running before anything is written
+
+    mine = await first.ensure("session-1")
+    await second.ensure("session-2")
+
+    # The limit counts the database's live sessions, whichever replica created them.
+    with pytest.raises(SessionLimitExceeded):
+        await first.ensure("session-3")
+    assert await second.list_ids() == await first.list_ids() == ["session-1", "session-2"]
+    # A replica loads what the other wrote into an object of its own, and sees its changes.
+    loaded = await second.get("session-1")
+    assert loaded is not mine
+    assert (loaded.session_id, loaded.created_at) == (mine.session_id, mine.created_at)
+    await first.update_activity("session-1", request_duration_ms=3)
+    assert (await second.get("session-1")) is loaded
+    assert (loaded.request_count, loaded.total_duration_ms) == (1, 3)
+    # A removal on one is a removal on both: the other never hands the session out again.
+    await second.remove("session-1")
+    assert await first.get("session-1") is None
+    await first.update_activity("session-1")  # ignored: it does not come back
+    assert await second.list_ids() == await first.list_ids() == ["session-2"]
 
 
 # -- settings

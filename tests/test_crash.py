@@ -57,7 +57,7 @@ async def test_every_acknowledged_write_survives_concurrent_load(session_manager
     recovered = await crash_harness.crash_and_restart(manager)
 
     assert_full_recovery(before, recovered)
-    assert sum(s.total_duration_ms for s in recovered.sessions().values()) == 200 * 3 * 7
+    assert sum(s.total_duration_ms for s in recovered.live_sessions().values()) == 200 * 3 * 7
 
 
 @pytest.mark.asyncio
@@ -91,4 +91,4 @@ async def test_crash_of_a_manager_without_store_recovers_nothing(crash_harness):
     manager = SessionManager(None)
     await manager.ensure("lost")
     recovered = await crash_harness.crash_and_restart(manager)
-    assert recovered.sessions() == {}
+    assert recovered.live_sessions() == {}

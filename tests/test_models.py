@@ -324,6 +324,7 @@ def database_row(**changes):
         "created_at": datetime(2026, 3, 1, 13, 30, tzinfo=paris),
         "last_activity": datetime(2026, 3, 1, 13, 45, tzinfo=paris),
         "expires_at": datetime(2030, 1, 1, tzinfo=paris),
+        "version": 4,
     }
     return {**row, **changes}
 

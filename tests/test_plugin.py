@@ -39,6 +39,7 @@ FIXTURES = (
     "session_store",
     "session_manager",
     "session_manager_factory",
+    "session_replicas",
     "crash_harness",
     "event_store",
     "exai_db_clock",

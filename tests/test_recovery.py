@@ -55,6 +55,7 @@ def test_every_persisted_field_is_compared():
         "created_at": datetime(2020, 1, 1, tzinfo=UTC),
         "last_activity": datetime(2020, 1, 1, tzinfo=UTC),
         "expires_at": datetime(2030, 1, 1, tzinfo=UTC),
+        "version": 2,
     }
     assert set(variations) == set(Session.model_fields) - {"session_id"}
     for field, value in variations.items():

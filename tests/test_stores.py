@@ -57,13 +57,16 @@ async def test_an_id_no_longer_live_is_restarted_afresh(store, ended):
     elif ended:
         await store.update("a", {"expires_at": ended["expires_at"]}, **at(2))
     later = at(90)
+    ended_version = (await rows(store))["a"].version
 
     assert await store.fetch_live("a", **later) is None
     fresh = Session(session_id="a", created_at=later["now"], last_activity=later["now"])
     restarted = await store.create(fresh, **later)
 
-    assert restarted == fresh  # counters and created_at start again
-    assert (await rows(store))["a"] == fresh
+    # Counters and created_at start again; the version goes on, so that a compare-and-set
+    # that read the old session cannot succeed on the new one.
+    assert restarted == fresh.model_copy(update={"version": ended_version + 1})
+    assert (await rows(store))["a"] == restarted
 
 
 @pytest.mark.asyncio
@@ -120,8 +123,8 @@ async def test_delete_expire_and_delete_all(store):
 
     assert await store.delete("gone") is True
     assert await store.delete("gone") is False
-    assert await store.expire(["idle", "busy", "unknown"], **at(70)) == ["idle"]  # busy is still live
-    assert await store.expire(["idle"], **at(80)) == []  # expired already
+    assert await store.expire_stale(**at(70)) == ["idle"]  # busy is still live
+    assert await store.expire_stale(**at(70)) == []  # expired already
     stored = await rows(store)
     assert {sid: s.state for sid, s in stored.items()} == {"idle": SessionState.EXPIRED, "busy": SessionState.ACTIVE}
     assert [s.session_id async for s in store.iter_live(**at(70))] == ["busy"]

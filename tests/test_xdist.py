@@ -57,7 +57,7 @@ import pytest
 async def test_isolated(n, report, session_manager):
     assert await session_manager.list_ids() == []
     await session_manager.ensure("same-id-everywhere", data={"n": n})
-    assert [s.data for s in session_manager.sessions().values()] == [{"n": n}]
+    assert [s.data for s in session_manager.live_sessions().values()] == [{"n": n}]
     report()
 """
 

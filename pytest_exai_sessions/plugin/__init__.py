@@ -20,6 +20,7 @@ from .fixtures import (
     exai_shared_dsn,
     session_manager,
     session_manager_factory,
+    session_replicas,
     session_store,
 )
 from .hooks import (
@@ -51,5 +52,6 @@ __all__ = [
     "pytest_sessionfinish",
     "session_manager",
     "session_manager_factory",
+    "session_replicas",
     "session_store",
 ]

@@ -122,6 +122,35 @@ async def session_manager_factory(
 session_manager = factories.session_manager()
 
 
+@pytest_asyncio.fixture
+async def session_replicas(
+    exai_dsn: str, exai_manager_options: dict[str, Any], exai_db_clock: DbClock
+) -> AsyncIterator[Callable[..., Awaitable[list[SessionManager]]]]:
+    """``await session_replicas(n, **options)``: n started managers on this test's database, as n replicas.
+
+    Each has a connection pool of its own, as separate processes would; they share nothing
+    but the database. Options as ``session_manager_factory``'s; all closed after the test.
+    For replicas in child processes that can be killed, see ``crash_harness``.
+    """
+    managers: list[SessionManager] = []
+
+    async def make(count: int, **options: Any) -> list[SessionManager]:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"session_replicas(count) needs a whole number >= 1, got {count!r}")
+        replicas = []
+        for _ in range(count):
+            manager = await SessionManager.open(exai_dsn, **{"clock": exai_db_clock, **exai_manager_options, **options})
+            managers.append(manager)
+            replicas.append(manager)
+        return replicas
+
+    try:
+        yield make
+    finally:
+        for manager in managers:
+            await manager.aclose()
+
+
 def _skip(reason: str) -> NoReturn:
     pytest.skip(reason)
 

@@ -15,10 +15,14 @@ Snapshot = dict[str, Session]
 
 
 def snapshot(source: SessionManager | Mapping[str, Session]) -> Snapshot:
-    """The sessions of a manager (or a mapping of them) by id, as an independent dict."""
+    """What a manager would serve (every live session in its store), or a mapping of sessions, by id.
+
+    Read from the database, not from anything a manager keeps in memory: after a crash, the
+    database is all there is.
+    """
     if isinstance(source, Mapping):
         return dict(source)
-    return source.sessions()
+    return source.live_sessions()
 
 
 @dataclass
