@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
@@ -210,7 +210,7 @@ class SessionManager:
     def _stale_before(self, now: datetime) -> datetime:
         return stale_before(now, self.session_timeout_secs)
 
-    def _window(self) -> dict[str, datetime]:
+    def _window(self) -> _Window:
         """``now`` and ``stale_before``, as every store call takes them."""
         now = self._now()
         return {"now": now, "stale_before": self._stale_before(now)}
@@ -432,6 +432,11 @@ class SessionManager:
     def __repr__(self) -> str:
         where = "persisted" if self.persistence_enabled else "in memory"
         return f"<{type(self).__name__} {where}, {self.store!r}>"
+
+
+class _Window(TypedDict):
+    now: datetime
+    stale_before: datetime
 
 
 class _Slot:
