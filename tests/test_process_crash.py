@@ -105,6 +105,7 @@ def state(session_id, **fields):
         "created_at": "2026-01-01T00:00:00Z",
         "last_activity": "2026-01-01T00:00:00Z",
         "expires_at": None,
+        "version": 1,
     }
     return {**base, **fields}
 
@@ -144,8 +145,10 @@ class TestTheLedgerRules:
             self.intent(2, "a", "update_activity", {"request_duration_ms": 7}),
         )
         absent = session(session_id="a", request_count=2, total_duration_ms=10)
-        present = session(session_id="a", request_count=3, total_duration_ms=17, last_activity="2026-01-02T00:00:00Z")
-        half = session(session_id="a", request_count=3, total_duration_ms=10)
+        present = session(
+            session_id="a", request_count=3, total_duration_ms=17, last_activity="2026-01-02T00:00:00Z", version=2
+        )
+        half = session(session_id="a", request_count=3, total_duration_ms=10, version=2)
         assert book.check({"a": absent}, "x").ok
         assert book.check({"a": present}, "x").ok
         assert "wholly applied" in str(book.check({"a": half}, "x").violations[0])
@@ -156,8 +159,10 @@ class TestTheLedgerRules:
             {"t": "ack", "seq": 1, "sid": "a", "state": state("a")},
             self.intent(2, "a", "update", expect={"data": {"x": 1}, "metadata": {"y": 2}}),
         )
-        assert book.check({"a": session(session_id="a", data={"x": 1}, metadata={"y": 2})}, "x").ok
-        assert not book.check({"a": session(session_id="a", data={"x": 1})}, "x").ok
+        assert book.check({"a": session(session_id="a", data={"x": 1}, metadata={"y": 2}, version=2)}, "x").ok
+        assert not book.check({"a": session(session_id="a", data={"x": 1}, version=2)}, "x").ok
+        # Every write moves the version: the update applied without it is not the update.
+        assert not book.check({"a": session(session_id="a", data={"x": 1}, metadata={"y": 2})}, "x").ok
 
     def test_a_removed_session_must_stay_removed(self):
         book = self.book(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from ..server.cluster import TemporaryPostgres
 from ..server.connection import PostgresServer
 from ..store import SessionStore
 from .backends import terminate_backends
+from .history import HistoryBook, HistoryReport
 from .ledger import CrashReport, LedgerBook
 from .recovery import Snapshot, snapshot
 from .workload import import_object, object_path
@@ -174,8 +176,169 @@ class CrashHarness:
         recovered_manager = await self.new_manager(cls, **options)
         rows = {session.session_id: session async for session in recovered_manager.store.iter_all()}
         report = book.check(rows, killed_at)
-        report.recovered = len(recovered_manager.sessions())
+        report.recovered = len(recovered_manager.live_sessions())
         return report
+
+    # several child processes at once
+
+    async def run_replicas(
+        self,
+        workload: Any,
+        *,
+        replicas: int = 3,
+        kills: int = 3,
+        replace_killed: bool = True,
+        seed: int = 0,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> HistoryReport:
+        """Run ``replicas`` children of ``workload`` at once on this database, SIGKILL ``kills`` of them.
+
+        Each kill hits a replica after a random (seeded) number of its acknowledgements,
+        between 1 and the workload's ``steps`` param (default 40), while the others go on;
+        ``replace_killed`` starts a new replica with a new number in its place. One replica is
+        never killed, and every replica not killed runs its workload to the end. Then the
+        merged history of all of them is checked against every stored row (``HistoryBook``).
+
+        ``workload`` is importable, as for ``run_and_kill``; ``ctx.replica`` is each child's
+        number and ``ctx.params`` carries ``params`` plus ``seed`` and ``replica_numbers`` (how
+        many numbers the run hands out). The children's managers get ``options``. The sessions
+        the workload writes must not exist before the run: the history starts from nothing.
+        """
+        if replicas < 1 or kills < 0:
+            raise ValueError(f"need replicas >= 1 and kills >= 0, got replicas={replicas}, kills={kills}")
+        if kills and replicas < 2:
+            raise ValueError("killing needs replicas >= 2: one replica is never killed")
+        if not replace_killed and kills > replicas - 1:
+            raise ValueError(f"without replace_killed at most replicas - 1 = {replicas - 1} can be killed, not {kills}")
+        rng = random.Random(seed)
+        steps = int((params or {}).get("steps", 40))
+        # Slot 0 is never killed: some replica always goes on to the end.
+        plans: list[list[int]] = [[] for _ in range(replicas)]
+        victims = (
+            [rng.randrange(1, replicas) for _ in range(kills)]
+            if replace_killed
+            else rng.sample(range(1, replicas), kills)
+        )
+        for slot in victims:
+            plans[slot].append(rng.randint(1, steps))
+        replica_numbers = replicas + (kills if replace_killed else 0)
+        child_params = {**(params or {}), "seed": seed, "replica_numbers": replica_numbers}
+        book = HistoryBook()
+        numbers = iter(range(replica_numbers))
+
+        def run_one(kill_after_acks: int | None) -> Any:
+            return self._run_replica(
+                next(numbers),
+                workload=workload,
+                book=book,
+                kill_after_acks=kill_after_acks,
+                params=child_params,
+                manager_class=manager_class,
+                options=options,
+            )
+
+        async def run_slot(plan: list[int]) -> None:
+            for kill_after in plan:
+                await run_one(kill_after)
+            if replace_killed or not plan:
+                await run_one(None)
+
+        try:
+            async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+                for plan in plans:
+                    group.create_task(run_slot(plan))
+        except TimeoutError:
+            raise TimeoutError(f"the replicas did not finish within {timeout}s") from None
+        except BaseExceptionGroup as failures:
+            raise failures.exceptions[0] from failures
+        return await self.check_history(book, manager_class=manager_class, **options)
+
+    async def check_history(
+        self, book: HistoryBook, *, manager_class: Any = SessionManager, **options: Any
+    ) -> HistoryReport:
+        """Read every stored row in a new manager and check the merged history against it."""
+        cls = import_object(manager_class) if isinstance(manager_class, str) else manager_class
+        recovered_manager = await self.new_manager(cls, **options)
+        rows = {session.session_id: session async for session in recovered_manager.store.iter_all()}
+        return book.check(rows)
+
+    async def _run_replica(
+        self,
+        replica: int,
+        *,
+        workload: Any,
+        book: HistoryBook,
+        kill_after_acks: int | None,
+        params: dict[str, Any],
+        manager_class: Any,
+        options: dict[str, Any],
+    ) -> None:
+        """One child: read its ledger into ``book``; kill it after that many acks, or let it finish."""
+        read_end, write_end = os.pipe()
+        spec = {
+            "dsn": self.dsn,
+            "workload": object_path(workload),
+            "manager_class": object_path(manager_class),
+            "options": options,
+            "clock": self.clock.value.isoformat() if isinstance(self.clock, ManualClock) and self.clock.value else None,
+            "params": params,
+            "ledger_fd": write_end,
+            "replica": replica,
+        }
+        with tempfile.TemporaryFile() as child_output:
+            try:
+                child = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "pytest_exai_sessions.testing.workload",
+                    json.dumps(spec),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=child_output,
+                    stderr=child_output,
+                    pass_fds=(write_end,),
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+                )
+            except BaseException:
+                os.close(read_end)
+                raise
+            finally:
+                os.close(write_end)
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
+            transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
+            )
+            acknowledged = 0
+            killed = False
+            try:
+                while line := await reader.readline():
+                    record = json.loads(line)
+                    book.add(record)
+                    if record["t"] in ("ack", "refused"):
+                        acknowledged += 1
+                        if kill_after_acks is not None and acknowledged >= kill_after_acks and not killed:
+                            child.kill()
+                            killed = True
+                            book.mark_killed(replica, f"after {acknowledged} acknowledgements")
+                            # Go on reading: what it wrote before it died is still in the pipe.
+                await child.wait()
+            finally:
+                transport.close()
+                if child.returncode is None:
+                    child.kill()
+                    await child.wait()
+            if not killed and child.returncode != 0:
+                child_output.seek(0)
+                tail = child_output.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"replica {replica} failed (exit {child.returncode}); output:\n{tail}")
+            if kill_after_acks is not None and not killed:
+                raise RuntimeError(
+                    f"replica {replica} ended after {acknowledged} acknowledgements, before its kill point "
+                    f"({kill_after_acks}): give the workload more steps"
+                )
 
     # the database
 

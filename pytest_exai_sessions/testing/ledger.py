@@ -179,6 +179,7 @@ def _apply(state: dict[str, Any] | None, intent: Intent) -> tuple[dict[str, Any]
             **state,
             "request_count": state["request_count"] + 1,
             "total_duration_ms": state["total_duration_ms"] + duration,
+            "version": state["version"] + 1,
         }, unknown
     if intent.operation == "ensure" and state is not None:
         return state, frozenset()  # ensure of a live session changes nothing
@@ -187,9 +188,11 @@ def _apply(state: dict[str, Any] | None, intent: Intent) -> tuple[dict[str, Any]
         # An application's operation that did not say what it sets: only "it loads" is checked.
         return (state or {}), frozenset(state or {}) | {"session_id", "state"}
     if state is None:
-        # Created by this write: only what it was given is known.
-        return {"session_id": intent.session_id, **expect}, _CLOCK_FIELDS
-    return {**state, **expect}, _CLOCK_FIELDS
+        # Created by this write: only what it was given is known (a restarted id's version
+        # goes on from the old row's, which the ledger may not know).
+        return {"session_id": intent.session_id, **expect}, _CLOCK_FIELDS | {"version"}
+    # Every write of the row moves its version by one.
+    return {**state, **expect, "version": state["version"] + 1}, _CLOCK_FIELDS
 
 
 def _difference(expected: dict[str, Any] | None, found: dict[str, Any] | None) -> str:

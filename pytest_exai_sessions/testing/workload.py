@@ -13,11 +13,13 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, ManualClock
+from ..errors import SessionConflict, SessionNotFound
 from ..manager import SessionManager
 from ..models import Session
 
@@ -48,10 +50,15 @@ def object_path(target: Any) -> str:
 
 
 class Ledger:
-    """JSON lines on a pipe to the parent; each written whole before the next starts."""
+    """JSON lines on a pipe to the parent; each written whole before the next starts.
 
-    def __init__(self, fd: int) -> None:
+    Every record names the ``replica`` (the child's number among those run at once), so
+    the parent can merge the ledgers of several children into one history.
+    """
+
+    def __init__(self, fd: int, replica: int = 0) -> None:
         self._fd = fd
+        self.replica = replica
         self._sequence = 0
 
     def next_sequence(self) -> int:
@@ -59,6 +66,7 @@ class Ledger:
         return self._sequence
 
     def write(self, record: dict[str, Any]) -> None:
+        record = {**record, "r": self.replica}
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         while data:
             written = os.write(self._fd, data)
@@ -72,8 +80,11 @@ def _state(session: Session | None) -> dict[str, Any] | None:
 class WorkloadContext:
     """What a workload gets: a started manager and recorded versions of its writes.
 
-    ``ensure``, ``update``, ``update_activity``, ``remove`` and ``request`` record intent
-    and acknowledgement themselves. For an application's own operations, wrap the call in
+    ``ensure``, ``update`` (also a compare-and-set with ``expected_version``), ``merge_data``,
+    ``update_activity``, ``remove``, ``request`` and ``get`` (a read: what it served) record
+    intent and acknowledgement themselves, each with the replica's number and
+    ``time.monotonic()``. A ``SessionConflict`` or ``SessionNotFound`` is recorded as a
+    ``refused`` acknowledgement (nothing written) and raised on. For an application's own operations, wrap the call in
     ``async with ctx.operation(session_id, "name", expect={...}) as op:`` and hand the
     resulting Session to ``op.acknowledge(session)``; ``expect`` lists the fields the
     operation sets, so that a crash in flight can be told apart from corruption.
@@ -85,18 +96,66 @@ class WorkloadContext:
         self.dsn = dsn
         self._ledger = ledger
 
+    @property
+    def replica(self) -> int:
+        """This child's number among the replicas run at once (0 for a single child)."""
+        return self._ledger.replica
+
     @asynccontextmanager
     async def operation(
         self, session_id: str, name: str, *, expect: dict[str, Any] | None = None, args: dict[str, Any] | None = None
     ) -> AsyncIterator[Acknowledgement]:
         sequence = self._ledger.next_sequence()
+        # CLOCK_MONOTONIC is one clock for every process on the host: the parent orders
+        # the intents and acknowledgements of all replicas by these times.
         self._ledger.write(
-            {"t": "intent", "seq": sequence, "sid": session_id, "op": name, "args": args or {}, "expect": expect}
+            {
+                "t": "intent",
+                "seq": sequence,
+                "sid": session_id,
+                "op": name,
+                "args": args or {},
+                "expect": expect,
+                "at": time.monotonic(),
+            }
         )
         acknowledgement = Acknowledgement()
-        yield acknowledgement
+        try:
+            yield acknowledgement
+        except SessionConflict as conflict:
+            # Acknowledged as refused: the store answered, and wrote nothing.
+            self._refused(sequence, session_id, "conflict", acknowledgement, current_version=conflict.current_version)
+            raise
+        except SessionNotFound:
+            self._refused(sequence, session_id, "not_found", acknowledgement)
+            raise
         # Only now, after the awaited call returned: this write is acknowledged.
-        self._ledger.write({"t": "ack", "seq": sequence, "sid": session_id, "state": acknowledgement.state})
+        self._ledger.write(
+            {
+                "t": "ack",
+                "seq": sequence,
+                "sid": session_id,
+                "state": acknowledgement.state,
+                "details": acknowledgement.details,
+                "at": time.monotonic(),
+            }
+        )
+
+    def _refused(
+        self, sequence: int, session_id: str, outcome: str, acknowledgement: Acknowledgement, **details: Any
+    ) -> None:
+        # A record type of its own: the single-writer LedgerBook ignores it and keeps the
+        # intent in flight, which allows both outcomes there.
+        self._ledger.write(
+            {
+                "t": "refused",
+                "seq": sequence,
+                "sid": session_id,
+                "outcome": outcome,
+                "details": {**acknowledgement.details, **details},
+                "at": time.monotonic(),
+            }
+        )
 
     async def ensure(self, session_id: str, **attrs: Any) -> Session:
         expect = {"state": "active", **{k: v for k, v in attrs.items() if k in ("data", "metadata", "user_id")}}
@@ -105,9 +164,29 @@ class WorkloadContext:
             op.acknowledge(session)
         return session
 
-    async def update(self, session_id: str, **changes: Any) -> Session:
-        async with self.operation(session_id, "update", expect=dict(changes), args=changes) as op:
-            session = await self.manager.update(session_id, **changes)
+    async def update(self, session_id: str, *, expected_version: int | None = None, **changes: Any) -> Session:
+        """``manager.update``; with ``expected_version`` a compare-and-set.
+
+        A ``SessionConflict`` is recorded as an acknowledged ``conflict`` (nothing written,
+        with the ``current_version`` the store reported) and raised on.
+        """
+        args = dict(changes) if expected_version is None else {**changes, "expected_version": expected_version}
+        async with self.operation(session_id, "update", expect=dict(changes), args=args) as op:
+            session = await self.manager.update(session_id, expected_version=expected_version, **changes)
+            op.acknowledge(session)
+        return session
+
+    async def merge_data(self, session_id: str, patch: dict[str, Any]) -> Session:
+        """``manager.merge_data``: the acknowledged state is the merged session it returned."""
+        async with self.operation(session_id, "merge_data", args={"patch": patch}) as op:
+            session = await self.manager.merge_data(session_id, patch)
+            op.acknowledge(session)
+        return session
+
+    async def get(self, session_id: str) -> Session | None:
+        """``manager.get``, recorded as a read: the state it served (None: it served nothing)."""
+        async with self.operation(session_id, "get") as op:
+            session = await self.manager.get(session_id)
             op.acknowledge(session)
         return session
 
@@ -127,8 +206,10 @@ class WorkloadContext:
     async def request(self, session_id: str) -> AsyncIterator[Session]:
         async with self.operation(session_id, "request") as op:
             async with self.manager.request(session_id) as session:
+                # Served, whatever happens next: counting it may still find it removed.
+                op.details["served_version"] = session.version
                 yield session
-            op.acknowledge(self.manager.sessions().get(session_id))
+            op.acknowledge(await self.manager.get(session_id))
 
     async def fault_point(self, name: str) -> None:
         """Tell the parent this point is reached; it kills here if asked to, else lets it go on."""
@@ -142,6 +223,8 @@ class WorkloadContext:
 class Acknowledgement:
     def __init__(self) -> None:
         self.state: dict[str, Any] | None = None
+        # What the ack record carries besides the state (e.g. the version a request served).
+        self.details: dict[str, Any] = {}
 
     def acknowledge(self, session: Session | None) -> None:
         """Record the session as the awaited call returned it (None: it no longer exists)."""
@@ -165,7 +248,7 @@ async def _run(spec: dict[str, Any], ledger: Ledger) -> None:
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     spec = json.loads(arguments[0])
-    ledger = Ledger(int(spec["ledger_fd"]))
+    ledger = Ledger(int(spec["ledger_fd"]), int(spec.get("replica", 0)))
     asyncio.run(_run(spec, ledger))
     return 0
 
