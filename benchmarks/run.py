@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # all, writes benchmarks/RESULTS.md
     python benchmarks/run.py --quick    # fewer repetitions, prints only
+    python benchmarks/run.py --only 3 6 # only those sections, prints only
 
 Absolute times on a shared 2-core machine are noise; what is compared are ratios measured in
 the same run on the same server. Not part of the test suite: speed is measured here, never
@@ -14,10 +15,12 @@ import argparse
 import asyncio
 import os
 import platform
+import random
 import shutil
 import statistics
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +29,13 @@ from typing import Any
 
 import per_test
 import psycopg
+from psycopg import sql
 
 from pytest_exai_sessions import Session, SessionManager, SessionStore
 from pytest_exai_sessions.schema import latest_version, load_migrations
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cache import CACHED_PREFIX, ClusterCache
+from pytest_exai_sessions.store import COLUMNS
 from pytest_exai_sessions.testing.crash import CrashHarness
 from pytest_exai_sessions.testing.databases import TestDatabases
 
@@ -42,8 +47,16 @@ waits only for what is not ready; "clone + drop called directly" is the work one
 pytest-postgresql's `postgresql` fixture runs on a server this script starts with its settings \
 (fsync off only), as its own `postgresql_proc` refuses to run as root. 3. 30 alternating blocks of \
 200 calls; a ratio is the median of the per-block ratios. The target's baseline is the raw upsert, \
-as the issue states; the plain UPDATE is shown as a stricter one. 4. 3 alternating rounds; every \
-field of every recovered session is checked."""
+as the issue states; the plain UPDATE is shown as a stricter one. A get is compared with a raw \
+psycopg `SELECT` of the same columns by `session_id` on one autocommit connection (the raw \
+baselines' setup): once plainly, once with a second manager (another replica) counting a request \
+of the session before each read (untimed; only the reads are), every read checked to return that \
+change. 4. 3 alternating rounds; every field of every recovered session is checked; the table is \
+filled by one INSERT ... SELECT generate_series, then VACUUM ANALYZE. 6. Two databases filled so, \
+1,000 and 1,000,000 sessions; `SessionManager.open(dsn)` (default options) plus a `get` of a \
+random stored id (its fields checked), the two sizes alternating for 15 rounds after one untimed \
+round each; memory is the tracemalloc peak, in rounds of their own, and the largest growth \
+of this process's RSS over open + get, the manager still open; a ratio is the median of the per-round ratios."""
 
 
 @dataclass
@@ -182,6 +195,16 @@ RAW_UPDATE = (
     "UPDATE public.sessions SET request_count = request_count + 1,"
     " total_duration_ms = total_duration_ms + %s, last_activity_at = now() WHERE session_id = %s"
 )
+# The columns a get returns (host() as the store reads ip_address), by primary key, nothing else:
+# no liveness test, no model. Rendered to a string once, as a hand-written query would be.
+RAW_SELECT = sql.SQL("SELECT {columns} FROM {table} WHERE {key} = %s").format(
+    columns=sql.SQL(", ").join(
+        sql.SQL("host({})").format(sql.Identifier(column)) if field == "ip_address" else sql.Identifier(column)
+        for field, column in COLUMNS.items()
+    ),
+    table=sql.Identifier("public", "sessions"),
+    key=sql.Identifier("session_id"),
+)
 
 
 async def per_call_rates(
@@ -198,6 +221,15 @@ async def per_call_rates(
     async def update_activity(number: int) -> None:
         await manager.update_activity(f"m-{number % 100}", 5)
 
+    async def raw_select(number: int) -> None:
+        cur = await conn.execute(select, (f"m-{number % 100}",))
+        await cur.fetchone()
+
+    async def get(number: int) -> None:
+        await manager.get(f"m-{number % 100}")
+
+    select = RAW_SELECT.as_string(conn)
+
     def block(call: Callable[[int], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             for number in range(calls):
@@ -205,8 +237,52 @@ async def per_call_rates(
 
         return run
 
-    ways = {"upsert": upsert, "update": update, "update_activity": update_activity}
+    ways = {
+        "upsert": upsert,
+        "update": update,
+        "update_activity": update_activity,
+        "raw_select": raw_select,
+        "get": get,
+    }
     return await alternating_rates({name: block(call) for name, call in ways.items()}, blocks, calls)
+
+
+async def changed_read_rates(
+    conn: psycopg.AsyncConnection[Any], manager: SessionManager, replica: SessionManager, blocks: int, calls: int
+) -> dict[str, list[float]]:
+    """Reads per second of a session another replica has just changed: the read alone is timed.
+
+    Before each read ``replica`` counts a request of the session (untimed), so every read is
+    of a row changed since this manager last saw it; each read must return that change.
+    """
+
+    async def raw_select(session_id: str) -> int:
+        cur = await conn.execute(select, (session_id,))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[list(COLUMNS).index("request_count")])
+
+    async def get(session_id: str) -> int:
+        session = await manager.get(session_id)
+        assert session is not None
+        return session.request_count
+
+    select = RAW_SELECT.as_string(conn)
+    ways: dict[str, Callable[[str], Awaitable[int]]] = {"raw_select": raw_select, "get": get}
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(blocks):
+        for name, read in ways.items():
+            elapsed = 0.0
+            for number in range(calls):
+                session_id = f"m-{number % 100}"
+                changed = await replica.update_activity(session_id, 5)
+                started = time.perf_counter()
+                seen = await read(session_id)
+                elapsed += time.perf_counter() - started
+                if seen != changed.request_count:
+                    raise AssertionError(f"{name} read request_count {seen}, the replica wrote {changed.request_count}")
+            rates[name].append(calls / elapsed)
+    return rates
 
 
 async def batch_request_rates(
@@ -261,17 +337,22 @@ async def manager_speed(server: TemporaryPostgres, blocks: int) -> list[Figure]:
         async with (
             await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
             SessionManager(store, close_store=True, max_concurrent_sessions=10_000) as manager,
+            # A second replica on the same database, to change sessions between this one's reads.
+            SessionManager.connect(dsn, max_concurrent_sessions=10_000, cleanup_interval_secs=0) as replica,
         ):
             for number in range(100):
                 await conn.execute("INSERT INTO public.sessions (session_id) VALUES (%s)", (f"raw-{number}",))
                 await manager.ensure(f"m-{number}")
             rates = await per_call_rates(conn, manager, blocks, calls=200)
+            changed_rates = await changed_read_rates(conn, manager, replica, blocks, calls=200)
             batch_rates = await batch_request_rates(conn, manager, rounds=max(3, blocks // 3), batch=10_000)
     finally:
         databases.drop_template()
     to_upsert = median_ratio(rates["update_activity"], rates["upsert"])
     to_update = median_ratio(rates["update_activity"], rates["update"])
     to_copy = median_ratio(batch_rates["many"], batch_rates["copy"])
+    get_to_select = median_ratio(rates["get"], rates["raw_select"])
+    changed_to_select = median_ratio(changed_rates["get"], changed_rates["raw_select"])
     return [
         Figure(
             "raw psycopg single-statement upsert (INSERT ... ON CONFLICT DO UPDATE)",
@@ -284,6 +365,26 @@ async def manager_speed(server: TemporaryPostgres, blocks: int) -> list[Figure]:
         ),
         Figure("update_activity / raw upsert", to_upsert, "x", ">= 0.7", to_upsert >= 0.7),
         Figure("update_activity / raw UPDATE (stricter than the target)", to_update, "x"),
+        Figure("raw psycopg primary-key SELECT of the same columns", statistics.median(rates["raw_select"]), "/s"),
+        Figure("SessionManager.get (always reads the database)", statistics.median(rates["get"]), "/s"),
+        Figure("get / raw SELECT", get_to_select, "x", ">= 0.7", get_to_select >= 0.7),
+        Figure(
+            "raw SELECT of a session another replica just changed",
+            statistics.median(changed_rates["raw_select"]),
+            "/s",
+        ),
+        Figure(
+            "get of a session another replica just changed (sees the change)",
+            statistics.median(changed_rates["get"]),
+            "/s",
+        ),
+        Figure(
+            "get / raw SELECT, after another replica's change",
+            changed_to_select,
+            "x",
+            ">= 0.7",
+            changed_to_select >= 0.7,
+        ),
         Figure("raw COPY + merge", statistics.median(batch_rates["copy"]), "requests/s"),
         Figure("update_activity_many", statistics.median(batch_rates["many"]), "requests/s"),
         Figure("batch API / raw COPY + merge", to_copy, "x", ">= 0.5", to_copy >= 0.5),
@@ -302,7 +403,34 @@ def recovered_as_inserted(sessions: dict[str, Session], n: int) -> bool:
         session.total_duration_ms,
         session.state.value,
         session.user_type.value,
-    ) == (f"u{n % 97}", {"n": n, "tags": ["a", n]}, {"v": 1}, n % 50, "10.0.0.1", 0, "active", "human")
+        session.user_agent,
+        session.expires_at,
+        session.version,
+    ) == (
+        f"u{n % 97}",
+        {"n": n, "tags": ["a", n]},
+        {"v": 1},
+        n % 50,
+        "10.0.0.1",
+        0,
+        "active",
+        "human",
+        None,
+        None,
+        1,
+    )
+
+
+def fill_sessions(dsn: str, count: int) -> None:
+    """``count`` live sessions s1..s<count> in one INSERT ... SELECT, then VACUUM ANALYZE (as a served table is)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO public.sessions (session_id, user_id, session_data, metadata, request_count, ip_address)"
+            " SELECT 's' || n, 'u' || (n %% 97), jsonb_build_object('n', n, 'tags', jsonb_build_array('a', n)),"
+            " '{\"v\": 1}', n %% 50, '10.0.0.1' FROM generate_series(1, %s) AS n",
+            (count,),
+        )
+        conn.execute("VACUUM ANALYZE public.sessions")
 
 
 async def recovery(server: TemporaryPostgres, count: int, rounds: int) -> list[Figure]:
@@ -310,13 +438,7 @@ async def recovery(server: TemporaryPostgres, count: int, rounds: int) -> list[F
     databases.create_template()
     dsn = server.dsn(databases.create_clone())
     try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO public.sessions (session_id, user_id, session_data, metadata, request_count, ip_address)"
-                " SELECT 's' || n, 'u' || (n %% 97), jsonb_build_object('n', n, 'tags', jsonb_build_array('a', n)),"
-                " '{\"v\": 1}', n %% 50, '10.0.0.1' FROM generate_series(1, %s) AS n",
-                (count,),
-            )
+        fill_sessions(dsn, count)
         raw_rates: list[float] = []
         manager_rates: list[float] = []
         for _ in range(rounds):  # alternating, so a load change hits both alike
@@ -328,11 +450,12 @@ async def recovery(server: TemporaryPostgres, count: int, rounds: int) -> list[F
             manager = SessionManager(store, close_store=True, cleanup_interval_secs=0)
             started = time.perf_counter()
             recovered = await manager.recover_all_sessions()
-            manager_rates.append(recovered / (time.perf_counter() - started))
-            mismatched = [n for n in range(1, count + 1) if not recovered_as_inserted(manager.sessions(), n)]
+            manager_rates.append(len(recovered) / (time.perf_counter() - started))
+            mismatched = [n for n in range(1, count + 1) if not recovered_as_inserted(recovered, n)]
             await manager.aclose()
-            if recovered != count or mismatched:
-                raise AssertionError(f"recovered {recovered} of {count}; fields differ in {mismatched[:5]}...")
+            if len(recovered) != count or mismatched:
+                raise AssertionError(f"recovered {len(recovered)} of {count}; fields differ in {mismatched[:5]}...")
+            del recovered  # 100k sessions: not kept into the next round
     finally:
         databases.drop_template()
     ratio = median_ratio(manager_rates, raw_rates)
@@ -341,6 +464,80 @@ async def recovery(server: TemporaryPostgres, count: int, rounds: int) -> list[F
         Figure(f"recover_all_sessions of {count}", statistics.median(manager_rates), "sessions/s"),
         Figure("recovery / raw SELECT", ratio, "x", ">= 0.5", ratio >= 0.5),
         Figure("sessions recovered with every field as inserted", count, "sessions"),
+    ]
+
+
+def rss_kib() -> int:
+    """This process's resident set now (/proc/self/statm, in pages)."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+async def start_and_first_get(dsn: str, session_id: str, *, traced: bool) -> tuple[float, float, float]:
+    """Seconds, RSS growth (KiB) and, if ``traced``, tracemalloc peak (KiB) of ``open`` + one ``get``.
+
+    The manager stays open until all is measured: what it holds while serving counts.
+    """
+    if traced:
+        tracemalloc.start()
+    rss_before = rss_kib()
+    started = time.perf_counter()
+    manager = await SessionManager.open(dsn)  # the options a replica starts with by default
+    try:
+        session = await manager.get(session_id)
+        seconds = time.perf_counter() - started
+        rss_growth = rss_kib() - rss_before
+        peak = tracemalloc.get_traced_memory()[1] / 1024 if traced else 0.0
+    finally:
+        if traced:
+            tracemalloc.stop()
+        await manager.aclose()
+    number = int(session_id[1:])
+    if session is None or not recovered_as_inserted({session_id: session}, number):
+        raise AssertionError(f"get({session_id!r}) returned {session!r}")
+    return seconds, rss_growth, peak
+
+
+async def start_over_table_sizes(server: TemporaryPostgres, sizes: tuple[int, int], rounds: int) -> list[Figure]:
+    """``open`` + first ``get`` of a random stored id, on a small and on a large table, in alternation."""
+    databases = TestDatabases(server)
+    databases.create_template()
+    try:
+        dsns = {}
+        for size in sizes:
+            dsns[size] = server.dsn(databases.create_clone())
+            fill_sessions(dsns[size], size)
+        pick = random.Random(9)  # the same ids every run
+        for size in sizes:  # once untimed each: first-use costs of the process (imports, adapters) are not the table's
+            await start_and_first_get(dsns[size], f"s{pick.randint(1, size)}", traced=False)
+        seconds: dict[int, list[float]] = {size: [] for size in sizes}
+        rss: dict[int, list[float]] = {size: [] for size in sizes}
+        peaks: dict[int, list[float]] = {size: [] for size in sizes}
+        for _ in range(rounds):
+            for size in sizes:
+                took, grew, _ = await start_and_first_get(dsns[size], f"s{pick.randint(1, size)}", traced=False)
+                seconds[size].append(took)
+                rss[size].append(grew)
+            # tracemalloc slows every allocation: its rounds are not the timed ones.
+            for size in sizes:
+                _, _, peak = await start_and_first_get(dsns[size], f"s{pick.randint(1, size)}", traced=True)
+                peaks[size].append(peak)
+    finally:
+        databases.drop_template()
+    small, large = sizes
+    time_ratio = median_ratio(seconds[large], seconds[small])
+    peak_ratio = median_ratio(peaks[large], peaks[small])
+    figures = []
+    for size in sizes:
+        figures += [
+            Figure(f"open + first get, {size:,} stored sessions", statistics.median(seconds[size]) * 1000, "ms"),
+            Figure(f"Python memory peak (tracemalloc) of open + get, {size:,}", statistics.median(peaks[size]), "KiB"),
+            Figure(f"largest RSS growth of open + get over the rounds, {size:,}", max(rss[size]), "KiB"),
+        ]
+    return [
+        *figures,
+        Figure(f"open + get time, {large:,} / {small:,}", time_ratio, "x", "<= 1.5", time_ratio <= 1.5),
+        Figure(f"open + get memory peak, {large:,} / {small:,}", peak_ratio, "x", "<= 1.5", peak_ratio <= 1.5),
     ]
 
 
@@ -355,29 +552,40 @@ async def kill_and_restart(server: TemporaryPostgres, repeat: int) -> list[Figur
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions; print, do not write RESULTS.md")
+    parser.add_argument(
+        "--only", nargs="+", type=int, choices=range(1, 7), help="run only these sections; print, do not write"
+    )
     args = parser.parse_args()
+    chosen = set(args.only or range(1, 7))
+    load_at_start = os.getloadavg()[0]  # other work on the machine: what absolute times suffered
     repeat = 5 if args.quick else 30
     disk = Path(tempfile.mkdtemp(prefix="exai-bench-", dir="/var/tmp"))
     os.chmod(disk, 0o755)  # our own directory: the server's OS user must enter it
     tmpfs_server = start_server(None)
     disk_server = start_server(disk, PYTEST_POSTGRESQL_DEFAULTS)
     baseline_tmpfs = start_server(None, PYTEST_POSTGRESQL_DEFAULTS)
+    runs: dict[int, tuple[str, Callable[[], list[Figure]]]] = {
+        1: (
+            "1. A fresh database per test",
+            lambda: per_test_database(tmpfs_server, disk_server, baseline_tmpfs, args.quick),
+        ),
+        2: ("2. Cold start", lambda: cold_start(None, max(3, repeat // 6))),
+        3: ("3. Manager speed", lambda: asyncio.run(manager_speed(tmpfs_server, repeat))),
+        4: (
+            "4. Recovery",
+            lambda: asyncio.run(recovery(tmpfs_server, 20_000 if args.quick else 100_000, 1 if args.quick else 3)),
+        ),
+        5: ("5. Database kill and restart", lambda: asyncio.run(kill_and_restart(tmpfs_server, max(3, repeat // 6)))),
+        6: (
+            "6. Replica start over a large table",
+            lambda: asyncio.run(start_over_table_sizes(tmpfs_server, (1_000, 1_000_000), max(5, repeat // 2))),
+        ),
+    }
     sections: list[tuple[str, list[Figure]]] = []
     try:
-        sections.append(
-            ("1. A fresh database per test", per_test_database(tmpfs_server, disk_server, baseline_tmpfs, args.quick))
-        )
-        sections.append(("2. Cold start", cold_start(None, max(3, repeat // 6))))
-        sections.append(("3. Manager speed", asyncio.run(manager_speed(tmpfs_server, repeat))))
-        sections.append(
-            (
-                "4. Recovery",
-                asyncio.run(recovery(tmpfs_server, 20_000 if args.quick else 100_000, 1 if args.quick else 3)),
-            )
-        )
-        sections.append(
-            ("5. Database kill and restart", asyncio.run(kill_and_restart(tmpfs_server, max(3, repeat // 6))))
-        )
+        for number, (title, run) in runs.items():
+            if number in chosen:
+                sections.append((title, run()))
     finally:
         tmpfs_server.stop()
         disk_server.stop()
@@ -386,14 +594,15 @@ def main() -> None:
     header = (
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}; PostgreSQL {tmpfs_server.version}; schema version {latest_version()}; "
-        f"cluster on tmpfs (/dev/shm) unless stated. Medians of {repeat} runs where repeated."
+        f"cluster on tmpfs (/dev/shm) unless stated. Medians of {repeat} runs where repeated. "
+        f"1-minute load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
     )
     lines = [header, "", METHOD, ""]
     for title, figures in sections:
         lines += [f"### {title}", "", "| measure | value | target |", "|---|---|---|", *(f.line() for f in figures), ""]
     report = "\n".join(lines)
     print(report)
-    if not args.quick:
+    if not args.quick and not args.only:
         RESULTS.write_text(
             f"# Benchmark results\n\nWritten by `python benchmarks/run.py` on {time.strftime('%Y-%m-%d')}.\n\n{report}"
         )
