@@ -1,10 +1,13 @@
 """Crashes as a property: random operations and crashes against your own manager subclass.
 
-Hypothesis drives the manager with random sequences of create, update_activity, update,
-remove, request, get and cleanup, crashes it (``crash_and_restart``) and kills the
-database at random points, and after every crash checks the recovered sessions and the
-rows of ``public.sessions`` against a plain-Python model of what was acknowledged. A
-failure is shrunk to the shortest sequence that still fails, and printed.
+Hypothesis drives three replicas of the manager on one database with random sequences of
+create, get, update (also compare-and-set, ``expected_version=``), merge_data,
+update_activity, request, remove and cleanup, each through a replica it picks; it crashes
+a replica (``crash_and_restart``), kills the database and moves the clock past the session
+timeout at random points. After every step each replica must serve what a plain-Python
+model of the acknowledged writes says (``version`` included), and after every crash the
+recovered sessions and the rows of ``public.sessions`` must equal it. A failure is shrunk
+to the shortest sequence that still fails, and printed.
 
 Needs Hypothesis: ``pip install "pytest-exai-sessions[stateful]"``.
 """
@@ -39,9 +42,12 @@ class ShopSessionModel(SessionModel):
 class ShopCrashMachine(SessionCrashMachine):
     manager_class = ShopSessionManager
     model_class = ShopSessionModel
-    # Options of the manager under test: a low limit, so that the run also meets it. The
-    # model assumes nothing times out during a run, so keep session_timeout_secs long.
+    # Options of every replica: a low limit (for all of them together), so that the run also
+    # meets it. Sessions time out only when the machine moves the clock, so keep
+    # session_timeout_secs long.
     manager_options: ClassVar[dict[str, Any]] = {"max_concurrent_sessions": 3}
+    # How many managers share the database, as your service's replicas would (the default, 3).
+    replicas = 3
     # How much to try (Hypothesis settings are built from these; override
     # hypothesis_settings() or pass settings= to run_crash_machine for more control).
     max_examples = 15

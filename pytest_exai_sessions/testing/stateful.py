@@ -1,24 +1,27 @@
-"""Crashes as a property: a Hypothesis state machine that crashes a manager at random points.
+"""Crashes as a property: a Hypothesis state machine that crashes managers at random points.
 
-``SessionCrashMachine`` drives a ``SessionManager`` with random sequences of create,
-update_activity, update, remove, request, get and cleanup, interleaved with crashes of the
-manager (``crash_and_restart``) and of the database (SIGKILL or immediate shutdown of the
-postmaster, then a restart). A plain-Python ``SessionModel`` keeps what the manager
-acknowledged; every returned session is checked against it, the manager's memory after
-every step, and after every crash the recovered sessions and the rows of
-``public.sessions`` must equal it exactly. When a sequence fails, Hypothesis shrinks it to
-a short one and prints it.
+``SessionCrashMachine`` drives several ``SessionManager`` replicas on one database (three by
+default, ``replicas``) with random sequences of create, get, update, compare-and-set
+update, merge_data, update_activity, request, remove and cleanup, each through a replica
+Hypothesis picks, interleaved with crashes of one replica (``crash_and_restart``), of the
+database (SIGKILL or immediate shutdown of the postmaster, then a restart) and, when the
+machine's clock can be moved, time passing beyond the session timeout. A plain-Python
+``SessionModel`` keeps what the managers acknowledged; every returned session is checked
+against it, field for field and ``version`` exactly. After every step the rows of
+``public.sessions`` must equal it, and so must what every replica serves (``get`` of each
+id, ``list_ids``); after every crash, the recovered sessions too. When a sequence fails,
+Hypothesis shrinks it to a short one and prints it.
 
 Run it from a synchronous pytest test (the machine owns its event loop)::
 
-    from pytest_exai_sessions.stateful import SessionCrashMachine, run_crash_machine
+    from pytest_exai_sessions.testing.stateful import SessionCrashMachine, run_crash_machine
 
     class MyCrashMachine(SessionCrashMachine):
         manager_class = MyManager                      # your SessionManager subclass
         manager_options = {"max_concurrent_sessions": 3}
 
-    def test_my_manager_survives_crashes(exai_dsn, exai_pg_server):
-        run_crash_machine(MyCrashMachine, exai_dsn, exai_pg_server)
+    def test_my_manager_survives_crashes(exai_dsn, exai_pg_server, exai_db_clock):
+        run_crash_machine(MyCrashMachine, exai_dsn, exai_pg_server, clock=exai_db_clock)
 
 This module needs Hypothesis (``pip install "pytest-exai-sessions[stateful]"``); the rest
 of the package does not import it.
@@ -46,8 +49,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import PersistenceError, SessionLimitExceeded, SessionNotFound
+from ..clock import SYSTEM_CLOCK, Clock, ManualClock
+from ..errors import PersistenceError, SessionConflict, SessionLimitExceeded, SessionNotFound
 from ..manager import SessionManager
 from ..models import MAX_DURATION_MS, Session, SessionState, UserType, check_ip_address
 from ..server.cluster import TemporaryPostgres
@@ -58,7 +61,7 @@ from .recovery import compare_snapshots
 
 T = TypeVar("T")
 
-# The fields the model predicts exactly. created_at and last_activity are the database's
+# The fields the model predicts exactly. created_at and last_activity are the managers'
 # clock: the model takes them from each acknowledgement and checks they move sensibly.
 PREDICTED_FIELDS = (
     "state",
@@ -71,9 +74,11 @@ PREDICTED_FIELDS = (
     "request_count",
     "total_duration_ms",
     "expires_at",
+    "version",
 )
-_SETTABLE_FIELDS = frozenset(PREDICTED_FIELDS) - {"request_count", "total_duration_ms"}
-# The model assumes nothing times out during a run; a shorter timeout would make it wrong.
+_SETTABLE_FIELDS = frozenset(PREDICTED_FIELDS) - {"request_count", "total_duration_ms", "version"}
+# The model assumes nothing times out unless the machine moves the clock past the timeout;
+# with the real time, a shorter timeout could end sessions in the middle of a run.
 MIN_SESSION_TIMEOUT_SECS = 600
 
 
@@ -95,13 +100,17 @@ class ModelSession:
     request_count: int = 0
     total_duration_ms: int = 0
     expires_at: datetime | None = None
+    version: int = 1
+    # Still marked active in the table, but idle past the timeout: no longer live, until
+    # cleanup marks it expired or ensure() restarts the id.
+    timed_out: bool = False
     # Not predicted: taken from the acknowledgement (the Session the manager returned).
     created_at: datetime | None = None
     last_activity: datetime | None = None
 
     @property
     def live(self) -> bool:
-        return self.state is SessionState.ACTIVE
+        return self.state is SessionState.ACTIVE and not self.timed_out
 
     def to_session(self) -> Session:
         """The ``Session`` a manager should hold for this row (it must have been acknowledged)."""
@@ -137,13 +146,18 @@ class SessionModel:
     """What a manager acknowledged, in plain Python: the contract a crash must not break.
 
     ``rows`` holds every row ``public.sessions`` should have, by id, also those no longer
-    live (updated to state inactive or expired). The contract of ``SessionManager``:
-    ``ensure`` creates a session or returns the live one unchanged (over
-    ``max_concurrent_sessions`` live sessions it raises ``SessionLimitExceeded``);
-    ``update`` replaces the given fields; ``update_activity`` and a request count one
-    request and add its duration; ``remove`` deletes; calls on an id with no live session
-    raise ``SessionNotFound``. The model assumes nothing times out or expires during a run
-    (a long ``session_timeout_secs``, ``expires_at`` far ahead), so cleanup removes nothing.
+    live (updated to state inactive or expired, or timed out). The contract of
+    ``SessionManager``, the same through every replica on the database: ``ensure`` creates
+    a session or returns the live one unchanged (over ``max_concurrent_sessions`` live
+    sessions in the whole database it raises ``SessionLimitExceeded``); ``update`` replaces
+    the given fields, and with ``expected_version`` only at that version (else
+    ``SessionConflict``, nothing written); ``merge_data`` merges top-level keys into
+    ``data``; ``update_activity`` and a request count one request and add its duration;
+    ``remove`` deletes; calls on an id with no live session raise ``SessionNotFound``.
+    Every write adds 1 to ``version`` (1 at creation; restarting a dead row goes on from
+    its version). Sessions time out only when the machine says so (``time_passes``: every
+    live one, since the clock moves past the timeout); ``cleanup`` then marks them expired.
+    ``expires_at`` is far ahead, so it never ends a session.
 
     Subclass it when your manager adds behaviour (see ``examples/test_stateful_crashes.py``).
     """
@@ -171,13 +185,16 @@ class SessionModel:
 
     def ensure(self, session_id: str, **attrs: Any) -> ModelSession:
         """The live session, unchanged; else a new one with ``attrs`` (replacing a dead row)."""
-        row = self.rows.get(session_id)
-        if row is not None and row.live:
-            return row
+        previous = self.rows.get(session_id)
+        if previous is not None and previous.live:
+            return previous
         limit = self.max_concurrent_sessions
         if limit is not None and len(self.live()) >= limit:
             raise SessionLimitExceeded(limit)
         row = ModelSession(session_id, **_normalise(attrs))
+        if previous is not None:
+            # A restarted id goes on from the old row's version, so a stale compare-and-set misses it.
+            row.version = previous.version + 1
         self.rows[session_id] = row
         return row
 
@@ -185,16 +202,26 @@ class SessionModel:
         row = self.rows.get(session_id)
         return row if row is not None and row.live else None
 
-    def update(self, session_id: str, **changes: Any) -> ModelSession:
+    def update(self, session_id: str, *, expected_version: int | None = None, **changes: Any) -> ModelSession:
         row = self._require_live(session_id)
+        if expected_version is not None and expected_version != row.version:
+            raise SessionConflict(session_id, expected_version=expected_version, current_version=row.version)
         for name, value in _normalise(changes).items():
             setattr(row, name, value)
+        row.version += 1  # also with no field given: last_activity is still written
+        return row
+
+    def merge_data(self, session_id: str, patch: Mapping[str, Any]) -> ModelSession:
+        row = self._require_live(session_id)
+        row.data = {**row.data, **copy.deepcopy(dict(patch))}
+        row.version += 1
         return row
 
     def update_activity(self, session_id: str, duration_ms: int | None = None) -> ModelSession:
         row = self._require_live(session_id)
         row.request_count += 1
         row.total_duration_ms += duration_ms or 0
+        row.version += 1
         return row
 
     def request(self, session_id: str, duration_ms: int) -> ModelSession:
@@ -204,9 +231,18 @@ class SessionModel:
     def remove(self, session_id: str) -> None:
         self.rows.pop(session_id, None)
 
+    def time_passes(self) -> None:
+        """The clock moved past the timeout: every live session is now timed out."""
+        for row in self.live().values():
+            row.timed_out = True
+
     def cleanup(self) -> int:
-        """How many sessions cleanup removes: none, since nothing times out during a run."""
-        return 0
+        """Mark every timed-out session still marked active expired; return how many."""
+        stale = [row for row in self.rows.values() if row.state is SessionState.ACTIVE and row.timed_out]
+        for row in stale:
+            row.state = SessionState.EXPIRED
+            row.version += 1
+        return len(stale)
 
     # checks
 
@@ -246,7 +282,7 @@ class SessionModel:
         row.last_activity = session.last_activity
 
     def expected_sessions(self) -> dict[str, Session]:
-        """The live sessions a manager should hold (in memory, or after a recovery)."""
+        """The live sessions every manager should serve (also after a recovery)."""
         return {sid: row.to_session() for sid, row in self.live().items()}
 
     def expected_rows(self) -> dict[str, Session]:
@@ -254,7 +290,7 @@ class SessionModel:
         return {sid: row.to_session() for sid, row in self.rows.items()}
 
     def assert_sessions(self, actual: Mapping[str, Session], what: str) -> None:
-        """``actual`` (a manager's ``sessions()``) must equal the model's live sessions, field for field."""
+        """``actual`` (e.g. a manager's ``live_sessions()``) must equal the model's live sessions, field for field."""
         _assert_same(self.expected_sessions(), actual, what)
 
     def assert_rows(self, actual: Mapping[str, Session], what: str) -> None:
@@ -313,10 +349,26 @@ maybe_user_agent = _maybe(user_agents)
 maybe_expires_at = _maybe(st.just(FAR_FUTURE))
 
 
+def _live_or_any_session_id(machine: SessionCrashMachine) -> st.SearchStrategy[str]:
+    live = sorted(machine.model.live())
+    return st.sampled_from(live) | session_ids if live else session_ids
+
+
+# For the rules that act on a session: half of the time one that is live now, since with
+# the ids drawn alike most calls would meet none and only raise SessionNotFound.
+live_or_any_session_ids = st.runner().flatmap(_live_or_any_session_id)
+
+# Which replica acts: an index into the machine's managers. Drawn from the running machine,
+# so that a subclass's ``replicas`` applies; it shrinks towards the first replica.
+replica_indexes = st.runner().flatmap(lambda machine: st.integers(min_value=0, max_value=machine.replicas - 1))
+
+
 async def _handle_request(manager: SessionManager, session_id: str) -> Session:
     async with manager.request(session_id):
         pass
-    return manager.sessions()[session_id]
+    session = await manager.get(session_id)
+    assert session is not None, f"session {session_id!r} vanished after its request"
+    return session
 
 
 async def _wait_for_all(tasks: set[asyncio.Task[Any]]) -> None:
@@ -327,27 +379,40 @@ async def _wait_for_all(tasks: set[asyncio.Task[Any]]) -> None:
 
 
 class SessionCrashMachine(RuleBasedStateMachine):
-    """Random operations and crashes against a manager, checked against ``SessionModel``.
+    """Random operations and crashes against several managers on one database, checked against ``SessionModel``.
 
     Configure a subclass with the class attributes below, or override the hooks
     ``make_manager``, ``restart_manager``, ``make_model`` and ``reset_database``; run it
     with ``run_crash_machine``. Each example starts from an empty ``public.sessions``.
-    Rules and hooks run on the main thread, in an event loop the machine owns, so the
-    database crash helpers (which block) can run there too. A subclass may add rules of its
-    own (``@rule()``); overriding a rule method without the decorator removes that rule.
+    Every rule acts through one of ``replicas`` managers (``replica``, an index Hypothesis
+    draws), all built by ``make_manager`` with the same class and options, so that the
+    model is one for them all. Rules and hooks run on the main thread, in an event loop the
+    machine owns, so the database crash helpers (which block) can run there too. A subclass
+    may add rules of its own (``@rule()``); overriding a rule method without the decorator
+    removes that rule.
     """
 
     # The manager under test: its class and options (defaults for the rest).
     manager_class: ClassVar[type[SessionManager]] = SessionManager
     manager_options: ClassVar[Mapping[str, Any]] = {}
     model_class: ClassVar[type[SessionModel]] = SessionModel
+    # How many managers share the database, as replicas of one service would. Each rule
+    # acts through one of them; 1 tests a single manager, as before replicas existed.
+    replicas: ClassVar[int] = 3
     # Also kill the database (needs the plugin's temporary server; skipped otherwise), at most
     # this many times per example: each costs a server restart, and shrinking replays many.
     database_crashes: ClassVar[bool] = True
     max_database_crashes: ClassVar[int] = 2
-    # A run of modest size: well under a minute against the temporary server.
-    max_examples: ClassVar[int] = 20
-    stateful_step_count: ClassVar[int] = 15
+    # Move the clock past the session timeout (when it is a ManualClock, e.g. exai_db_clock),
+    # so that sessions time out and cleanup has something to expire; at most this many times
+    # per example, since each ends every live session and most rules want one.
+    time_jumps: ClassVar[bool] = True
+    max_time_jumps: ClassVar[int] = 1
+    # A run of modest size: well under a minute against the temporary server. Sequences of
+    # 20 steps, since a write through one replica and a stale read through another take more
+    # steps to meet than calls on one manager did.
+    max_examples: ClassVar[int] = 15
+    stateful_step_count: ClassVar[int] = 20
     # Set by run_crash_machine; or set them on a subclass and use its TestCase.
     dsn: ClassVar[str | None] = None
     server: ClassVar[PostgresServer | None] = None
@@ -357,20 +422,30 @@ class SessionCrashMachine(RuleBasedStateMachine):
         super().__init__()
         if self.dsn is None:
             raise TypeError(f"{type(self).__name__}.dsn is not set: run it with run_crash_machine(cls, dsn, server)")
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"{type(self).__name__}.replicas must be a whole number >= 1, got {self.replicas!r}")
         self.loop = asyncio.new_event_loop()
         self.harness: CrashHarness | None = None
         self._admin_conn: psycopg.Connection[Any] | None = None
         self._rows_store: SessionStore | None = None
         self.database_crash_count = 0
+        self.time_jump_count = 0
+        self.managers: list[SessionManager] = []
         try:
             self._rows_store = self.run(SessionStore.open(self.dsn))
             self.reset_database(self.admin())
             self.harness = CrashHarness(self.dsn, self.server, clock=self.clock)
-            self.manager = self.run(self.make_manager())
-            self.model = self.make_model(self.manager)
+            for _ in range(self.replicas):
+                self.managers.append(self.run(self.make_manager()))
+            self.model = self.make_model(self.managers[0])
         except BaseException:
             self._shut_down()
             raise
+
+    @property
+    def manager(self) -> SessionManager:
+        """The first replica (what a machine with one manager used)."""
+        return self.managers[0]
 
     @classmethod
     def hypothesis_settings(cls) -> hypothesis.settings:
@@ -394,7 +469,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
         self.run(self._rows_store.delete_all())
 
     async def make_manager(self) -> SessionManager:
-        """A started manager on the machine's database (also used for fresh views after a crash)."""
+        """A started manager on the machine's database: each replica, and fresh views after a crash."""
         assert self.harness is not None
         return await self.harness.new_manager(self.manager_class, **self.manager_options)
 
@@ -404,10 +479,11 @@ class SessionCrashMachine(RuleBasedStateMachine):
         return await self.harness.crash_and_restart(manager)
 
     def make_model(self, manager: SessionManager) -> SessionModel:
+        """The model of every replica (all have ``manager``'s options)."""
         if manager.session_timeout_secs < MIN_SESSION_TIMEOUT_SECS:
             raise ValueError(
                 f"session_timeout_secs={manager.session_timeout_secs} is too short for the model, which assumes "
-                f"nothing times out during a run; use at least {MIN_SESSION_TIMEOUT_SECS}"
+                f"nothing times out unless the machine moves the clock; use at least {MIN_SESSION_TIMEOUT_SECS}"
             )
         return self.model_class(max_concurrent_sessions=manager.max_concurrent_sessions)
 
@@ -428,12 +504,15 @@ class SessionCrashMachine(RuleBasedStateMachine):
 
         return self.loop.run_until_complete(wrapped())
 
-    def _expect_error(self, error: Exception, awaitable: Awaitable[Any], call: str) -> None:
-        """The model predicted ``error``: the manager must raise the same kind (memory is checked after the step)."""
+    def _expect_error(self, error: Exception, awaitable: Awaitable[Any], call: str) -> Exception:
+        """The model predicted ``error``: the manager must raise the same kind; return what it raised.
+
+        That the failed call wrote nothing, the invariants check after the step.
+        """
         try:
             result = self.run(awaitable)
-        except type(error):
-            return
+        except type(error) as raised:
+            return raised
         raise AssertionError(f"{call}: the model predicted {type(error).__name__}, the manager returned {result!r}")
 
     def teardown(self) -> None:
@@ -470,9 +549,27 @@ class SessionCrashMachine(RuleBasedStateMachine):
         except PersistenceError as error:
             raise AssertionError(f"public.sessions holds a corrupt row: {error}") from error
 
+    async def _served(self, manager: SessionManager) -> tuple[dict[str, Session], list[str]]:
+        """What ``manager`` serves: ``get`` of every id the machine uses, and ``list_ids``."""
+        served: dict[str, Session] = {}
+        for session_id in SESSION_IDS:
+            session = await manager.get(session_id)
+            if session is not None:
+                served[session_id] = session
+        return served, await manager.list_ids()
+
+    async def _served_by_every_replica(self) -> list[tuple[dict[str, Session], list[str]]]:
+        return await asyncio.gather(*(self._served(manager) for manager in self.managers))
+
+    async def _first_reads_after_a_restart(
+        self,
+    ) -> tuple[dict[str, Session], list[tuple[dict[str, Session], list[str]]]]:
+        return await asyncio.gather(self._stored_rows(), self._served_by_every_replica())
+
     # operations
 
     @initialize(
+        replica=replica_indexes,
         session_id=session_ids,
         data=maybe_data,
         metadata=maybe_data,
@@ -482,11 +579,12 @@ class SessionCrashMachine(RuleBasedStateMachine):
         user_agent=maybe_user_agent,
         expires_at=maybe_expires_at,
     )
-    def first_session(self, session_id: str, **attrs: Any) -> None:
+    def first_session(self, replica: int, session_id: str, **attrs: Any) -> None:
         """Every example starts with a session, so that most operations find one."""
-        self.create(session_id, **attrs)
+        self.create(replica, session_id, **attrs)
 
     @rule(
+        replica=replica_indexes,
         session_id=session_ids,
         data=maybe_data,
         metadata=maybe_data,
@@ -496,39 +594,43 @@ class SessionCrashMachine(RuleBasedStateMachine):
         user_agent=maybe_user_agent,
         expires_at=maybe_expires_at,
     )
-    def create(self, session_id: str, **attrs: Any) -> None:
+    def create(self, replica: int, session_id: str, **attrs: Any) -> None:
+        manager = self.managers[replica]
         attrs = {name: value for name, value in attrs.items() if value is not None}
         existed = self.model.is_live(session_id)
         try:
             self.model.ensure(session_id, **attrs)
         except SessionLimitExceeded as error:
-            self._expect_error(error, self.manager.ensure(session_id, **attrs), f"ensure({session_id!r})")
+            self._expect_error(error, manager.ensure(session_id, **attrs), f"ensure({session_id!r})")
             return
-        self.model.acknowledge(self.run(self.manager.ensure(session_id, **attrs)), touched=not existed)
+        self.model.acknowledge(self.run(manager.ensure(session_id, **attrs)), touched=not existed)
 
-    @rule(session_id=session_ids)
-    def get(self, session_id: str) -> None:
-        session = self.run(self.manager.get(session_id))
+    @rule(replica=replica_indexes, session_id=live_or_any_session_ids)
+    def get(self, replica: int, session_id: str) -> None:
+        session = self.run(self.managers[replica].get(session_id))
         if self.model.get(session_id) is None:
             assert session is None, (
-                f"get({session_id!r}): the model has no live session, the manager returned {session!r}"
+                f"get({session_id!r}) through replica {replica}: the model has no live session, "
+                f"the manager returned {session!r}"
             )
             return
-        assert session is not None, f"get({session_id!r}): the manager lost the live session"
+        assert session is not None, f"get({session_id!r}) through replica {replica}: the manager lost the live session"
         self.model.acknowledge(session, touched=False)
 
-    @rule(session_id=session_ids, duration_ms=_maybe(durations))
-    def update_activity(self, session_id: str, duration_ms: int | None) -> None:
+    @rule(replica=replica_indexes, session_id=live_or_any_session_ids, duration_ms=_maybe(durations))
+    def update_activity(self, replica: int, session_id: str, duration_ms: int | None) -> None:
+        manager = self.managers[replica]
         try:
             self.model.update_activity(session_id, duration_ms)
         except SessionNotFound as error:
-            call = self.manager.update_activity(session_id, request_duration_ms=duration_ms)
+            call = manager.update_activity(session_id, request_duration_ms=duration_ms)
             self._expect_error(error, call, f"update_activity({session_id!r})")
             return
-        self.model.acknowledge(self.run(self.manager.update_activity(session_id, request_duration_ms=duration_ms)))
+        self.model.acknowledge(self.run(manager.update_activity(session_id, request_duration_ms=duration_ms)))
 
     @rule(
-        session_id=session_ids,
+        replica=replica_indexes,
+        session_id=live_or_any_session_ids,
         data=maybe_data,
         metadata=maybe_data,
         user_id=maybe_user_id,
@@ -538,29 +640,74 @@ class SessionCrashMachine(RuleBasedStateMachine):
         expires_at=maybe_expires_at,
         state=_maybe(states),
     )
-    def update(self, session_id: str, **changes: Any) -> None:
+    def update(self, replica: int, session_id: str, **changes: Any) -> None:
+        manager = self.managers[replica]
         try:
             self.model.update(session_id, **changes)
         except SessionNotFound as error:
-            self._expect_error(error, self.manager.update(session_id, **changes), f"update({session_id!r})")
+            self._expect_error(error, manager.update(session_id, **changes), f"update({session_id!r})")
             return
-        self.model.acknowledge(self.run(self.manager.update(session_id, **changes)))
+        self.model.acknowledge(self.run(manager.update(session_id, **changes)))
 
-    @rule(session_id=session_ids)
-    def remove(self, session_id: str) -> None:
-        self.run(self.manager.remove(session_id))
+    @rule(
+        replica=replica_indexes,
+        session_id=live_or_any_session_ids,
+        data=maybe_data,
+        state=_maybe(states),
+        stale=st.booleans(),
+    )
+    def compare_and_set(
+        self, replica: int, session_id: str, data: dict[str, Any] | None, state: str | None, stale: bool
+    ) -> None:
+        """``update(expected_version=...)``: the current version writes, a stale one raises and writes nothing."""
+        manager = self.managers[replica]
+        row = self.model.get(session_id)
+        if row is None:
+            call = manager.update(session_id, data=data, state=state, expected_version=1)
+            self._expect_error(SessionNotFound(session_id), call, f"update({session_id!r}, expected_version=1)")
+            return
+        # A stale read is usually older; at version 1 there is none, so a version not reached yet.
+        expected = (row.version - 1 if row.version > 1 else row.version + 1) if stale else row.version
+        call_text = f"update({session_id!r}, expected_version={expected})"
+        try:
+            self.model.update(session_id, data=data, state=state, expected_version=expected)
+        except SessionConflict as predicted:
+            raised = self._expect_error(
+                predicted, manager.update(session_id, data=data, state=state, expected_version=expected), call_text
+            )
+            assert isinstance(raised, SessionConflict)
+            got = (raised.expected_version, raised.current_version)
+            want = (predicted.expected_version, predicted.current_version)
+            assert got == want, f"{call_text}: SessionConflict(expected, current) is {got}, the model says {want}"
+            return
+        self.model.acknowledge(self.run(manager.update(session_id, data=data, state=state, expected_version=expected)))
+
+    @rule(replica=replica_indexes, session_id=live_or_any_session_ids, patch=json_objects)
+    def merge_data(self, replica: int, session_id: str, patch: dict[str, Any]) -> None:
+        manager = self.managers[replica]
+        try:
+            self.model.merge_data(session_id, patch)
+        except SessionNotFound as error:
+            self._expect_error(error, manager.merge_data(session_id, patch), f"merge_data({session_id!r})")
+            return
+        self.model.acknowledge(self.run(manager.merge_data(session_id, patch)))
+
+    @rule(replica=replica_indexes, session_id=live_or_any_session_ids)
+    def remove(self, replica: int, session_id: str) -> None:
+        self.run(self.managers[replica].remove(session_id))
         self.model.remove(session_id)
 
-    @rule(session_id=session_ids)
-    def request(self, session_id: str) -> None:
+    @rule(replica=replica_indexes, session_id=live_or_any_session_ids)
+    def request(self, replica: int, session_id: str) -> None:
+        manager = self.managers[replica]
         before = self.model.get(session_id)
         if before is None:
-            call = _handle_request(self.manager, session_id)
+            call = _handle_request(manager, session_id)
             self._expect_error(SessionNotFound(session_id), call, f"request({session_id!r})")
             return
         counted_before = before.total_duration_ms
         started = time.monotonic()
-        session = self.run(_handle_request(self.manager, session_id))
+        session = self.run(_handle_request(manager, session_id))
         elapsed_ms = (time.monotonic() - started) * 1000
         # The manager measures the duration itself: take it from the acknowledgement, within reason.
         duration = session.total_duration_ms - counted_before
@@ -570,19 +717,35 @@ class SessionCrashMachine(RuleBasedStateMachine):
         self.model.request(session_id, duration)
         self.model.acknowledge(session)
 
+    @rule(replica=replica_indexes)
+    def cleanup(self, replica: int) -> None:
+        expired = self.run(self.managers[replica].cleanup_stale_sessions())
+        predicted = self.model.cleanup()
+        assert expired == predicted, (
+            f"cleanup through replica {replica} expired {expired} sessions; the model {predicted}"
+        )
+
+    def _clock_can_move(self) -> bool:
+        return self.time_jumps and isinstance(self.clock, ManualClock) and self.time_jump_count < self.max_time_jumps
+
+    @precondition(_clock_can_move)
     @rule()
-    def cleanup(self) -> None:
-        removed = self.run(self.manager.cleanup_stale_sessions())
-        assert removed == self.model.cleanup(), f"cleanup removed {removed} sessions; the model expected none"
+    def time_passes_beyond_the_timeout(self) -> None:
+        """Move the managers' clock (and the database's, for a DbClock) past the session timeout."""
+        assert isinstance(self.clock, ManualClock)
+        self.time_jump_count += 1
+        # Every replica has the same options, so one timeout ends every live session at once.
+        self.clock.advance(seconds=self.manager.session_timeout_secs + 1)
+        self.model.time_passes()
 
     # crashes
 
-    @rule()
-    def crash_and_restart(self) -> None:
+    @rule(replica=replica_indexes)
+    def crash_and_restart(self, replica: int) -> None:
         # restart_manager ends the old manager's backends on the server (CrashHarness.abandon).
-        self.manager = self.run(self.restart_manager(self.manager))
-        self.model.assert_sessions(self.manager.sessions(), "the recovered manager after crash_and_restart")
-        self.check_database("after crash_and_restart")
+        self.managers[replica] = restarted = self.run(self.restart_manager(self.managers[replica]))
+        self.model.assert_sessions(restarted.live_sessions(), f"replica {replica} recovered after crash_and_restart")
+        self.check_database(f"after crash_and_restart of replica {replica}")
 
     def _can_crash_database(self) -> bool:
         return (
@@ -600,18 +763,30 @@ class SessionCrashMachine(RuleBasedStateMachine):
         if self._admin_conn is not None:
             self._admin_conn.close()  # it died with the server
         what = f"after a database crash ({mode}) and restart"
-        self.check_database(what)
-        # The running manager keeps what was committed; it reconnects on its next call.
-        self.model.assert_sessions(self.manager.sessions(), f"the running manager {what}")
+        # The first call through each pool after a restart may wait for it to reconnect:
+        # wait for all of them at once. The running replicas keep what was committed.
+        rows, everything_served = self.run(self._first_reads_after_a_restart())
+        self.model.assert_rows(rows, f"public.sessions {what}")
+        self._assert_served(everything_served, what)
         fresh = self.run(self.make_manager())
         try:
-            self.model.assert_sessions(fresh.sessions(), f"a new manager's recovery {what}")
+            self.model.assert_sessions(fresh.live_sessions(), f"a new manager's recovery {what}")
         finally:
             self.run(fresh.aclose())
 
+    # invariants
+
     @invariant()
-    def memory_matches_the_model(self) -> None:
-        self.model.assert_sessions(self.manager.sessions(), "the manager's sessions in memory")
+    def every_replica_serves_the_model(self) -> None:
+        self._assert_served(self.run(self._served_by_every_replica()), "after the step")
+
+    def _assert_served(self, everything_served: list[tuple[dict[str, Session], list[str]]], when: str) -> None:
+        expected_ids = sorted(self.model.live())
+        for replica, (served, listed) in enumerate(everything_served):
+            self.model.assert_sessions(served, f"get() of every id through replica {replica} {when}")
+            assert listed == expected_ids, (
+                f"list_ids() through replica {replica} {when} is {listed}, the model {expected_ids}"
+            )
 
 
 def run_crash_machine(
