@@ -195,6 +195,30 @@ class TestTheHistoryRules:
         assert "replica 1 #1 update_activity request_duration_ms=0: ok -> v2" in str(violation)
         assert "increments" in str(counter_history(4).violations[0])
 
+    def test_a_read_after_an_acknowledged_write_must_see_it(self):
+        def history_with_read(served_version, *, read_at):
+            history = History()
+            history.op(0, "counter-0", "ensure", at=0, ack_at=1, state=state("counter-0"))
+            history.op(
+                0,
+                "counter-0",
+                "update_activity",
+                at=10,
+                ack_at=11,
+                args={"request_duration_ms": 0},
+                state=state("counter-0", request_count=1, version=2),
+            )
+            served = state("counter-0", request_count=served_version - 1, version=served_version)
+            history.op(1, "counter-0", "get", at=read_at, ack_at=read_at + 1, state=served)
+            return history.check(row("counter-0", request_count=1, version=2))
+
+        assert history_with_read(2, read_at=20).ok
+        assert history_with_read(1, read_at=5).ok  # started before the write was acknowledged: either
+        [violation] = history_with_read(1, read_at=20).violations
+        assert (violation.session_id, violation.rule) == ("counter-0", "stale read")
+        assert "a get that started after v2 was acknowledged served v1" in str(violation)
+        assert [(op.replica, op.name) for op in violation.operations] == [(0, "update_activity"), (1, "get")]
+
     def test_an_increment_in_flight_may_or_may_not_be_counted(self):
         assert counter_history(3, in_flight=1).ok
         assert counter_history(4, in_flight=1).ok

@@ -21,7 +21,9 @@ The checks (``HistoryBook.check``), per session:
   the highest returned version, or of one in flight;
 - removal: no read (``get``, ``request``) that started after a removal was acknowledged was
   served, and the row is gone at the end, unless something created it again meanwhile;
-- presence: a session acknowledged and never removed is live after recovery.
+- presence: a session acknowledged and never removed is live after recovery;
+- stale read: a ``get`` that started after a write was acknowledged served that write's
+  version or a later one (per session, reads are linearizable with the writes).
 
 A check only runs where the session's history makes it decidable: a session that also saw
 an application's own operations (``ctx.operation``, effects unknown) gets the removal and
@@ -308,6 +310,17 @@ class _SessionCheck:
                     f"a compare-and-set at v{write.expected_version} returned v{write.version}, not "
                     f"v{write.expected_version + 1}",
                     [write],
+                )
+        for read in self.operations:
+            if read.name != "get" or not read.served or read.version is None:
+                continue
+            seen = [write for write in writes if write.committed_before(read) and (write.version or 0) > read.version]
+            if seen:
+                newest = max(seen, key=lambda op: op.version or 0)
+                self.violation(
+                    "stale read",
+                    f"a get that started after v{newest.version} was acknowledged served v{read.version}",
+                    [newest, read],
                 )
         if self.found is not None and writes:
             newest = max(writes, key=lambda op: op.version or 0)
