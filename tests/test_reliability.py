@@ -123,6 +123,7 @@ def session_fields(row):
         "created_at": row["created_at"],
         "last_activity": row["last_activity_at"],
         "expires_at": row["expires_at"],
+        "version": row["version"],
     }
 
 
@@ -142,7 +143,7 @@ async def test_100k_persisted_sessions_are_all_recovered_field_for_field(session
 
     manager = await session_manager_factory(max_concurrent_sessions=1000)
 
-    recovered = manager.live_sessions()
+    recovered = await manager.recover_all_sessions()  # the complete recovery, on request
     assert recovered.keys() == expected.keys()  # all of them, and none of the rows that are not live
     different = {
         sid: {name: (value, got[name]) for name, value in fields.items() if got[name] != value}
