@@ -1,9 +1,11 @@
 """SessionStore: every statement that reads or writes ``public.sessions``.
 
-Each write is one autocommit statement, so a returned ``await`` means committed, and
-counters are incremented in SQL so that concurrent writers never lose an update.
-Every method returns the row as PostgreSQL stored it: what a manager keeps in
-memory is, by construction, what a reload after a crash returns.
+Each write is one statement (autocommit; ``merge_data`` and ``record_requests`` run theirs
+in a transaction that can still refuse the result), so a returned ``await`` means
+committed, and counters and merges are computed in SQL so that concurrent writers never
+lose an update.
+Every method returns the row as PostgreSQL stored it: what a manager hands out is, by
+construction, what any other replica or a reload after a crash reads.
 """
 
 from __future__ import annotations
