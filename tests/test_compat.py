@@ -299,9 +299,8 @@ async def test_remove_forgets_a_session_and_ignores_unknown_ids(mode):
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("compat_backend", ["memory"], indirect=True)
 async def test_two_managers_are_independent_in_memory(mode):
-    if mode.persisted:
-        pytest.skip("persistent managers on one database are replicas of one set of sessions (next test)")
     first = mode.make(max_concurrent_sessions=1)
     second = mode.make(max_concurrent_sessions=1)
     await second.list_ids()  # both running before anything is written
@@ -318,9 +317,8 @@ async def test_two_managers_are_independent_in_memory(mode):
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("compat_backend", ["postgres"], indirect=True)
 async def test_persistent_managers_on_one_database_serve_one_set_of_sessions(mode):
-    if not mode.persisted:
-        pytest.skip("in-memory managers share nothing (previous test)")
     first = mode.make(max_concurrent_sessions=2)
     second = mode.make(max_concurrent_sessions=2)
     await second.list_ids()  # both running before anything is written

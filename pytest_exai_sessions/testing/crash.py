@@ -127,22 +127,12 @@ class CrashHarness:
             "workload": object_path(workload),
             "manager_class": object_path(manager_class),
             "options": options,
-            "clock": self.clock.value.isoformat() if isinstance(self.clock, ManualClock) and self.clock.value else None,
+            "clock": self._child_clock(),
             "params": params or {},
             "ledger_fd": write_end,
         }
         with tempfile.TemporaryFile() as child_output:
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "pytest_exai_sessions.testing.workload",
-                json.dumps(spec),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=child_output,
-                stderr=child_output,
-                pass_fds=(write_end,),
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-            )
+            child = await _start_workload_child(spec, child_output, stdin=asyncio.subprocess.PIPE)
             os.close(write_end)
             book = LedgerBook()
             try:
@@ -283,24 +273,14 @@ class CrashHarness:
             "workload": object_path(workload),
             "manager_class": object_path(manager_class),
             "options": options,
-            "clock": self.clock.value.isoformat() if isinstance(self.clock, ManualClock) and self.clock.value else None,
+            "clock": self._child_clock(),
             "params": params,
             "ledger_fd": write_end,
             "replica": replica,
         }
         with tempfile.TemporaryFile() as child_output:
             try:
-                child = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "pytest_exai_sessions.testing.workload",
-                    json.dumps(spec),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=child_output,
-                    stderr=child_output,
-                    pass_fds=(write_end,),
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-                )
+                child = await _start_workload_child(spec, child_output, stdin=asyncio.subprocess.DEVNULL)
             except BaseException:
                 os.close(read_end)
                 raise
@@ -339,6 +319,10 @@ class CrashHarness:
                     f"replica {replica} ended after {acknowledged} acknowledgements, before its kill point "
                     f"({kill_after_acks}): give the workload more steps"
                 )
+
+    def _child_clock(self) -> str | None:
+        """The test clock's instant for a child process (None: the child reads the real time)."""
+        return self.clock.value.isoformat() if isinstance(self.clock, ManualClock) and self.clock.value else None
 
     # the database
 
@@ -385,6 +369,21 @@ class CrashHarness:
         managers, self._managers = self._managers, []
         for manager in managers:
             await manager.aclose()
+
+
+async def _start_workload_child(spec: dict[str, Any], output: Any, *, stdin: int) -> asyncio.subprocess.Process:
+    """Start the workload child (``-m pytest_exai_sessions.testing.workload``) on ``spec``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pytest_exai_sessions.testing.workload",
+        json.dumps(spec),
+        stdin=stdin,
+        stdout=output,
+        stderr=output,
+        pass_fds=(spec["ledger_fd"],),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
 
 
 async def _drive(
