@@ -32,12 +32,13 @@ import psycopg
 from psycopg import sql
 
 from pytest_exai_sessions import Session, SessionManager, SessionStore
-from pytest_exai_sessions.schema import latest_version, load_migrations
+from pytest_exai_sessions.schema import latest_version
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
-from pytest_exai_sessions.server.cache import CACHED_PREFIX, ClusterCache
+from pytest_exai_sessions.server.cache import ClusterCache, cached_template_name
 from pytest_exai_sessions.store import COLUMNS
 from pytest_exai_sessions.testing.crash import CrashHarness
 from pytest_exai_sessions.testing.databases import TestDatabases
+from pytest_exai_sessions.testing.template_schema import TemplateSchema
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 METHOD = """How: 1. Each fixture hands a connection to a database of its own to 40 identical tests in a \
@@ -166,10 +167,14 @@ def cold_start(basedir: Path | None, repeat: int) -> list[Figure]:
     def make_server() -> TemporaryPostgres:
         return TemporaryPostgres(bindir, basedir=cache_dir, os_user=os_user)
 
-    def build(server: TemporaryPostgres) -> None:
-        TestDatabases(server, prefix=CACHED_PREFIX).create_template()
+    schema = TemplateSchema().resolve(Path.cwd())
 
-    cache = ClusterCache(cache_dir, load_migrations(), as_of=datetime.now(UTC))
+    def build(server: TemporaryPostgres) -> None:
+        databases = TestDatabases(server, template=cached_template_name(schema.key), schema=schema)
+        databases.create_template()
+        databases.close()
+
+    cache = ClusterCache(cache_dir, [schema.key], as_of=datetime.now(UTC))
     cache.start(make_server, build).stop()  # the first run builds the cache
 
     def warm_start() -> None:

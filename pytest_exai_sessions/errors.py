@@ -49,5 +49,16 @@ class PersistenceError(ExaiSessionsError):
     """The database refused or could not be reached; the operation did not take effect."""
 
 
+class SchemaMissing(PersistenceError):
+    """The database lacks the table, or a column, the store needs: the unified schema is not (fully) applied."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"public.sessions is not as the store needs it ({reason}): apply the unified schema's migrations "
+            "to this database (exai-sessions migrate)"
+        )
+        self.reason = reason
+
+
 class MigrationError(ExaiSessionsError):
     """A migration file could not be applied, or an applied one has changed since."""

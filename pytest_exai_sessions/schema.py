@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from .clock import SETTING as CLOCK_SETTING
 from .errors import MigrationError
+from .sql_script import Statement, split_statements
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{3,})_(?P<name>[a-z0-9_]+)\.sql$")
 LEDGER_SCHEMA = "exai_schema"
@@ -160,35 +162,53 @@ def apply_migrations(
 
 
 def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
-    try:
-        with conn.transaction():
-            conn.execute(migration.sql.encode())  # bytes: run as one multi-statement script
-            conn.execute(
-                sql.SQL("INSERT INTO {} (version, name, checksum) VALUES (%s, %s, %s)").format(
-                    sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)
-                ),
-                (migration.version, migration.name, migration.checksum),
+    with conn.transaction():
+        run_script(conn, migration.sql, migration.filename)
+        conn.execute(
+            sql.SQL("INSERT INTO {} (version, name, checksum) VALUES (%s, %s, %s)").format(
+                sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)
+            ),
+            (migration.version, migration.name, migration.checksum),
+        )
+
+
+def run_script(conn: psycopg.Connection[Any], script: str, filename: str) -> None:
+    """Run a migration file statement by statement, inside the caller's transaction.
+
+    One statement at a time (as psql does) so that a failure names the statement and its
+    line in the file. Transaction control is refused: the caller's transaction is the file's.
+    """
+    for statement in split_statements(script):
+        first_word = statement.text.split(None, 1)[0].rstrip(";").upper()
+        if first_word in _TRANSACTION_CONTROL:
+            raise MigrationError(
+                f"{filename}, line {statement.line}: {first_word} is not allowed in a migration: each file "
+                "runs in a transaction of its own, committed after its last statement"
             )
-    except psycopg.Error as error:
-        raise MigrationError(
-            f"{migration.filename} failed and was rolled back: {_explain(error, migration.sql)}"
-        ) from error
+        try:
+            conn.execute(statement.text.encode())  # bytes: sent as it is, no parameters
+        except psycopg.Error as error:
+            raise MigrationError(_explain(filename, statement, error)) from error
 
 
-def _explain(error: psycopg.Error, script: str) -> str:
+_TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})
+
+
+def _explain(filename: str, statement: Statement, error: psycopg.Error) -> str:
+    """The failure as an editor wants it: file, line, statement, then PostgreSQL's own words."""
     diag = error.diag
-    parts = [diag.message_primary or str(error).strip()]
-    if diag.message_detail:
-        parts.append(f"detail: {diag.message_detail}")
-    if diag.context:
-        parts.append(f"where: {diag.context.strip()}")
+    first_line = statement.text.splitlines()[0].strip()
+    lines = [f"{filename}, line {statement.line}: {first_line}", f"  error:  {diag.message_primary or error}"]
     if diag.statement_position:
-        # The position counts characters of the whole script; a line number is what an editor shows.
-        offset = int(diag.statement_position) - 1
-        line_number = script.count("\n", 0, offset) + 1
-        line = script.splitlines()[line_number - 1].strip() if script else ""
-        parts.append(f"at line {line_number}: {line}")
-    return "; ".join(parts)
+        line = statement.line_at(int(diag.statement_position))
+        if line != statement.line:
+            text = statement.text.splitlines()[line - statement.line].strip()
+            lines.append(f"  at line {line}: {text}")
+    for label, value in (("detail", diag.message_detail), ("hint", diag.message_hint), ("where", diag.context)):
+        if value:
+            lines.append(f"  {label}: {value.strip()}")
+    lines.append(f"  {filename} ran in one transaction and was rolled back")
+    return "\n".join(lines)
 
 
 def apply_to_dsn(

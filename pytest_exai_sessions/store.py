@@ -21,7 +21,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from .db import Database, PoolOptions, Query, database_errors, tuple_cursor
-from .errors import PersistenceError, SessionConflict
+from .errors import PersistenceError, SchemaMissing, SessionConflict
 from .models import Session, SessionMetrics, check_json_object
 
 if TYPE_CHECKING:
@@ -367,8 +367,14 @@ class SessionStore:
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions LIMIT 0").format(
             returning=_RETURNING, table=_TABLE
         )
-        async with self.database.connection("checking public.sessions") as conn:
-            await conn.execute(query)
+        try:
+            async with self.database.connection("checking public.sessions") as conn:
+                await conn.execute(query)
+        except PersistenceError as error:
+            cause = error.__cause__
+            if isinstance(cause, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+                raise SchemaMissing(cause.diag.message_primary or str(cause)) from error
+            raise
 
     async def fetch(self, session_id: str) -> Session | None:
         """The row of ``session_id`` in any state, live or not (None: there is none)."""

@@ -11,8 +11,9 @@ import pytest
 
 from pytest_exai_sessions.schema import load_migrations, migrations_dir
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
-from pytest_exai_sessions.server.cache import CACHE_PREFIX, CACHED_PREFIX, CACHED_TEMPLATE, ClusterCache, cache_key
+from pytest_exai_sessions.server.cache import CACHE_PREFIX, ClusterCache, cache_key, cached_template_name
 from pytest_exai_sessions.testing.databases import TestDatabases
+from pytest_exai_sessions.testing.template_schema import ResolvedSchema
 
 # The instant the caches below are built as of: the cache is keyed by its month, so a
 # fixed one keeps these tests independent of the day they run on.
@@ -51,7 +52,8 @@ def test_a_second_run_starts_from_the_cache(pytester, basedir):
     pytester.runpytest_subprocess(*arguments, "-n", "2", "-p", "xdist").assert_outcomes(passed=2)
     (cache,) = caches(basedir)
     ready = (cache / "ready.json").stat()
-    assert json.loads((cache / "ready.json").read_text())["template"] == CACHED_TEMPLATE
+    (template,) = json.loads((cache / "ready.json").read_text())["templates"]
+    assert template.startswith("exai_tpl_")
 
     pytester.runpytest_subprocess(*arguments).assert_outcomes(passed=2)
 
@@ -66,31 +68,41 @@ def make_server(basedir):
     return lambda: TemporaryPostgres(bindir, basedir=basedir, os_user=os_user)
 
 
-def build_with(migrations):
+def schema_of(migrations):
+    return ResolvedSchema(tuple(migrations), ())
+
+
+def cache_of(basedir, schema):
+    return ClusterCache(basedir, [schema.key], as_of=AS_OF)
+
+
+def build_with(schema):
     def build(server):
-        TestDatabases(server, prefix=CACHED_PREFIX).create_template(migrations)
+        databases = TestDatabases(server, template=cached_template_name(schema.key), schema=schema)
+        databases.create_template()
+        databases.close()
 
     return build
 
 
-def tables(server):
-    with psycopg.connect(server.dsn(CACHED_TEMPLATE)) as conn:
+def tables(server, schema):
+    with psycopg.connect(server.dsn(cached_template_name(schema.key))) as conn:
         return {row[0] for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
 
 
 def test_a_changed_migration_rebuilds_the_cache(make_server, basedir, tmp_path):
-    first = ClusterCache(basedir, load_migrations(), as_of=AS_OF)
-    server = first.start(make_server, build_with(load_migrations()))
+    schema = schema_of(load_migrations())
+    server = cache_of(basedir, schema).start(make_server, build_with(schema))
     server.stop()
     (old,) = caches(basedir)
 
     changed = tmp_path / "sql"
     shutil.copytree(Path(str(migrations_dir())), changed)
     (changed / "900_audit.sql").write_text("CREATE TABLE IF NOT EXISTS public.audit (id int);")
-    migrations = load_migrations(changed)
-    server = ClusterCache(basedir, migrations, as_of=AS_OF).start(make_server, build_with(migrations))
+    schema = schema_of(load_migrations(changed))
+    server = cache_of(basedir, schema).start(make_server, build_with(schema))
     try:
-        assert "audit" in tables(server)
+        assert "audit" in tables(server, schema)
     finally:
         server.stop()
     (new,) = caches(basedir)
@@ -99,8 +111,9 @@ def test_a_changed_migration_rebuilds_the_cache(make_server, basedir, tmp_path):
 
 @pytest.mark.parametrize("damage", ["no ready marker", "marker of another key", "data directory gone"])
 def test_an_incomplete_or_broken_cache_is_rebuilt_not_used(make_server, basedir, damage):
-    cache = ClusterCache(basedir, load_migrations(), as_of=AS_OF)
-    cache.start(make_server, build_with(None)).stop()
+    schema = schema_of(load_migrations())
+    cache = cache_of(basedir, schema)
+    cache.start(make_server, build_with(schema)).stop()
     (directory,) = caches(basedir)
     if damage == "no ready marker":
         (directory / "ready.json").unlink()
@@ -109,23 +122,23 @@ def test_an_incomplete_or_broken_cache_is_rebuilt_not_used(make_server, basedir,
     else:
         shutil.rmtree(directory / "data")
 
-    server = cache.start(make_server, build_with(None))
+    server = cache.start(make_server, build_with(schema))
     try:
-        assert "sessions" in tables(server)
+        assert "sessions" in tables(server, schema)
     finally:
         server.stop()
     (rebuilt,) = caches(basedir)
-    assert json.loads((rebuilt / "ready.json").read_text())["template"] == CACHED_TEMPLATE
+    assert json.loads((rebuilt / "ready.json").read_text())["templates"] == [cached_template_name(schema.key)]
 
 
 # the months: the template's partitions are those of the months around the instant it was built as of
 
 
 def test_the_key_changes_with_the_month_and_only_with_it(make_server):
-    server, migrations = make_server(), load_migrations()
+    server, templates = make_server(), [schema_of(load_migrations()).key]
 
     def key(*when):
-        return cache_key(server, migrations, datetime(*when, tzinfo=UTC))
+        return cache_key(server, templates, datetime(*when, tzinfo=UTC))
 
     assert key(2027, 1, 1) == key(2027, 1, 31, 23, 59, 59, 999999)
     assert key(2027, 1, 31, 23, 59, 59, 999999) != key(2027, 2, 1)

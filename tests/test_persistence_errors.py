@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pytest_exai_sessions import PersistenceError, SessionManager, SessionStore
+from pytest_exai_sessions import PersistenceError, SchemaMissing, SessionManager, SessionStore
 from pytest_exai_sessions.models import utc_now
 
 
@@ -162,7 +162,18 @@ async def test_a_write_the_database_refuses_raises(session_manager, exai_dsn, op
 async def test_a_manager_cannot_start_on_a_broken_table(exai_dsn):
     await execute(exai_dsn, "DROP TABLE public.sessions")
 
-    with pytest.raises(PersistenceError, match=r"checking public\.sessions failed: UndefinedTable"):
+    missing = r'relation "public\.sessions" does not exist\): apply the unified'
+    with pytest.raises(SchemaMissing, match=missing) as caught:
+        async with SessionManager.connect(exai_dsn):
+            pass
+    assert isinstance(caught.value, PersistenceError)
+
+
+@pytest.mark.asyncio
+async def test_a_manager_names_the_column_an_older_schema_lacks(exai_dsn):
+    await execute(exai_dsn, "ALTER TABLE public.sessions DROP COLUMN version")
+
+    with pytest.raises(SchemaMissing, match=r'column "version" does not exist'):
         async with SessionManager.connect(exai_dsn):
             pass
 

@@ -34,6 +34,7 @@ FIXTURES = (
     "exai_config",
     "exai_pg_server",
     "exai_databases",
+    "exai_templates",
     "exai_dsn",
     "exai_manager_options",
     "session_store",
@@ -61,6 +62,8 @@ FLAGS = (
     "--exai-reuse",
     "--exai-clones-ahead",
     "--exai-clock",
+    "--exai-migration",
+    "--exai-no-unified-schema",
 )
 # A DSN that fails at once if anything uses it: no server has a socket there.
 UNUSABLE_DSN = "host=/nonexistent/exai-socket-dir port=1 user=nobody dbname=nowhere"
@@ -477,7 +480,7 @@ def test_a_port_in_use_is_named(pytester: pytest.Pytester, basedir: Path) -> Non
     assert list(basedir.iterdir()) == []
 
 
-def test_a_failing_migration_names_its_file_and_line(pytester: pytest.Pytester) -> None:
+def test_a_failing_migration_names_its_file_and_line_and_stops_the_run(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         r"""
         import pathlib
@@ -491,13 +494,27 @@ def test_a_failing_migration_names_its_file_and_line(pytester: pytest.Pytester) 
         schema.migrations_dir = lambda: BROKEN  # this inner run's schema is these two files
         """
     )
-    result = run_with_failing_server(pytester, subprocess=True)  # in a process of its own: the patch dies with it
+    pytester.makepyfile(
+        """
+        def test_needs_a_database(exai_dsn):
+            pass
+
+        def test_needs_it_too(session_store):
+            pass
+        """
+    )
+    result = run_and_check_leftovers(pytester, subprocess=True)  # in a process of its own: the patch dies with it
+    result.assert_outcomes(errors=1)  # the first test that needs it; then the run stops
     result.stdout.fnmatch_lines(
         [
-            "*the schema could not be applied to the template database exai_*_template: 002_broken.sql failed and "
-            'was rolled back: column "nothing" does not exist; at line 3: SELECT nothing FROM fine;*'
+            "the test template could not be built:",
+            "002_broken.sql, line 3: SELECT nothing FROM fine;",
+            '  error:  column "nothing" does not exist',
+            "  002_broken.sql ran in one transaction and was rolled back",
+            "*Interrupted: the test template could not be built*",
         ]
     )
+    assert "Traceback" not in result.stdout.str()
 
 
 # the report header

@@ -73,9 +73,11 @@ def test_a_failing_migration_names_file_and_line_and_leaves_nothing(empty_dsn, t
         with pytest.raises(MigrationError) as failure:
             apply_migrations(conn, load_migrations(directory))
         message = str(failure.value)
-        assert "900_broken.sql failed and was rolled back" in message
-        assert 'relation "public.no_such_table" does not exist' in message
-        assert "at line 3: SELECT * FROM public.no_such_table;" in message
+        assert message.splitlines() == [
+            "900_broken.sql, line 3: SELECT * FROM public.no_such_table;",
+            '  error:  relation "public.no_such_table" does not exist',
+            "  900_broken.sql ran in one transaction and was rolled back",
+        ]
         # The good migrations before it stay applied; the broken one left nothing.
         assert conn.execute("SELECT to_regclass('public.half_done')").fetchone() == (None,)
         assert conn.execute("SELECT max(version) FROM exai_schema.applied_migrations").fetchone() == (

@@ -5,6 +5,7 @@ uses, decided once), ``fixtures`` (what tests ask for). Nothing outside this pac
 """
 
 from .fixtures import (
+    _exai_template_before_any_test,
     crash_harness,
     event_store,
     exai_as_role,
@@ -18,6 +19,7 @@ from .fixtures import (
     exai_pg_server,
     exai_rollback_conn,
     exai_shared_dsn,
+    exai_templates,
     session_manager,
     session_manager_factory,
     session_replicas,
@@ -29,9 +31,11 @@ from .hooks import (
     pytest_configure,
     pytest_report_header,
     pytest_sessionfinish,
+    pytest_unconfigure,
 )
 
 __all__ = [
+    "_exai_template_before_any_test",
     "crash_harness",
     "event_store",
     "exai_as_role",
@@ -45,11 +49,13 @@ __all__ = [
     "exai_pg_server",
     "exai_rollback_conn",
     "exai_shared_dsn",
+    "exai_templates",
     "pytest_addoption",
     "pytest_assertrepr_compare",
     "pytest_configure",
     "pytest_report_header",
     "pytest_sessionfinish",
+    "pytest_unconfigure",
     "session_manager",
     "session_manager_factory",
     "session_replicas",

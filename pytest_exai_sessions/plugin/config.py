@@ -15,6 +15,7 @@ import pytest
 
 from ..clock import parse_instant
 from ..db import DSN_ENV
+from ..testing.app_migrations import check_entry
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Option:
     @property
     def flag(self) -> str:
         flag = "--" + self.name.replace("_", "-")
+        if self.kind == "bool" and self.default is True:
+            return flag.replace("--exai-", "--exai-no-", 1)  # the flag turns it off
         return flag.removesuffix("s") if self.kind == "linelist" else flag  # one setting per flag
 
     def describe(self) -> str:
@@ -84,6 +87,26 @@ OPTIONS = (
         shown_default="off: a new cluster every run",
     ),
     Option(
+        "exai_migrations",
+        "the app's own migrations, applied to the template after the unified schema, in order: a directory "
+        "(its NNN_name.sql or YYYYMMDDHHMMSS_name.sql files by number), a .sql file, or package.module:function "
+        "(called with a psycopg connection to the template); relative paths resolve against the rootdir "
+        "(repeat the flag; one per line in ini; comma-separated in the environment)",
+        env="EXAI_SESSIONS_MIGRATIONS",
+        kind="linelist",
+        default=(),
+        shown_default="none",
+    ),
+    Option(
+        "exai_unified_schema",
+        "put the unified schema (public.sessions, unified.*) in the template; off for apps whose own "
+        "migrations bring every table (--exai-no-unified-schema, or exai_unified_schema = false in ini)",
+        env="EXAI_SESSIONS_UNIFIED_SCHEMA",
+        kind="bool",
+        default=True,
+        shown_default="on",
+    ),
+    Option(
         "exai_clones_ahead",
         "test databases a background thread clones ahead (and drops after use), so a test does not wait "
         "for its own; 0 clones and drops in each test's setup and teardown",
@@ -113,6 +136,9 @@ class ExaiConfig:
     reuse: bool = False
     clones_ahead: int = 2
     clock: datetime | None = None
+    migrations: tuple[str, ...] = ()  # as given; relative paths resolve against rootdir
+    unified_schema: bool = True
+    rootdir: Path = field(default_factory=Path.cwd)
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -120,7 +146,8 @@ def add_options(parser: pytest.Parser) -> None:
     for option in OPTIONS:
         text = option.describe()
         if option.kind == "bool":
-            group.addoption(option.flag, action="store_true", default=None, dest=option.name, help=text)
+            action = "store_false" if option.default is True else "store_true"
+            group.addoption(option.flag, action=action, default=None, dest=option.name, help=text)
             parser.addini(option.name, text, type="bool", default=option.default)
         elif option.kind == "linelist":
             group.addoption(option.flag, action="append", default=None, dest=option.name, help=text)
@@ -176,7 +203,22 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
         reuse=_flag("EXAI_SESSIONS_REUSE", raw["exai_reuse"]),
         clones_ahead=_count("--exai-clones-ahead", raw["exai_clones_ahead"]),
         clock=_instant("--exai-clock", raw["exai_clock"]),
+        migrations=_migrations(raw["exai_migrations"], config.rootpath),
+        unified_schema=_flag("EXAI_SESSIONS_UNIFIED_SCHEMA", raw["exai_unified_schema"]),
+        rootdir=config.rootpath,
     )
+
+
+def _migrations(value: Any, rootdir: Path) -> tuple[str, ...]:
+    """The entries, each checked for what can be checked without a server or an import."""
+    entries = value.split(",") if isinstance(value, str) else list(value or [])
+    cleaned = tuple(entry.strip() for entry in entries if entry.strip())
+    for entry in cleaned:
+        try:
+            check_entry(entry, rootdir)
+        except ValueError as error:
+            raise pytest.UsageError(f"--exai-migration {error}") from None
+    return cleaned
 
 
 def _instant(name: str, value: Any) -> datetime | None:

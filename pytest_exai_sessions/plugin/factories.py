@@ -9,6 +9,7 @@ a conftest makes more under other names with one line each::
     reporting_dsn = factories.database()
     reporting_clock = factories.db_clock(dsn="reporting_dsn")
     reporting_manager = factories.session_manager(dsn="reporting_dsn", clock="reporting_clock")
+    at_008_dsn = factories.database(unified_schema=8, migrations=["tests/data/at_008.sql"])
 
 A fixture is named after the variable it is assigned to. Arguments that name fixtures
 (``dsn``, ``clock``, ``databases``) are looked up when a test asks for the new fixture.
@@ -17,18 +18,23 @@ A fixture is named after the variable it is assigned to. Arguments that name fix
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pytest
 import pytest_asyncio
 
+from ..errors import SchemaMissing
 from ..manager import SessionManager
+from ..testing.app_migrations import Entry
 from ..testing.databases import TestDatabases
 from ..testing.db_clock import DbClock
+from ..testing.template_schema import TemplateSchema
 from .hooks import config_of
+from .templates import DECLARED, template_databases
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=SessionManager)
 
 
 def _requesting(*names: str) -> Callable[[F], F]:
@@ -47,18 +53,45 @@ def _requesting(*names: str) -> Callable[[F], F]:
     return declare
 
 
-def database(*, databases: str = "exai_databases") -> Any:
-    """A function-scoped fixture: the DSN of a fresh clone of ``databases``' template, dropped after the test."""
+def database(
+    *,
+    databases: str = "exai_databases",
+    migrations: Sequence[Entry] | None = None,
+    unified_schema: bool | int | None = None,
+) -> Any:
+    """A function-scoped fixture: the DSN of a fresh clone of a template, dropped after the test.
 
-    @_requesting(databases)
+    By default the template is the plugin's (``exai_databases``, or the ``TestDatabases``
+    fixture ``databases`` names). With ``migrations`` or ``unified_schema`` the fixture has a
+    template of its own: the unified schema (``True``: all of it, ``False``: none, ``N``: up
+    to migration N), then ``migrations`` in order (entries as in ``exai_migrations``:
+    directories, ``.sql`` files, ``"package.module:function"`` or the function itself; relative
+    paths resolve against the rootdir). Built once per run, cached by its own key with
+    ``--exai-reuse``.
+    """
+    if migrations is None and unified_schema is None:
+        return _clone_fixture(databases, lambda fixtures: fixtures[databases])
+    if databases != "exai_databases":
+        raise ValueError("factories.database: give either databases= or migrations=/unified_schema=, not both")
+    schema = TemplateSchema(unified=True if unified_schema is None else unified_schema, app=tuple(migrations or ()))
+    DECLARED.append(schema)  # noted now, at import: --exai-reuse builds it into the cached cluster
+    return _clone_fixture(
+        "exai_templates",
+        lambda fixtures: template_databases(fixtures["exai_templates"], schema, fixtures["request"]),
+        "request",
+    )
+
+
+def _clone_fixture(source: str, databases_of: Callable[[dict[str, Any]], TestDatabases], *more: str) -> Any:
+    @_requesting(source, *more)
     def fixture(**fixtures: Any) -> Iterator[str]:
-        """DSN of a fresh database with the unified schema for this test, dropped afterwards."""
-        source: TestDatabases = fixtures[databases]
-        dbname = source.create_clone()
+        """DSN of a fresh database cloned from its template for this test, dropped afterwards."""
+        databases = databases_of(fixtures)
+        dbname = databases.create_clone()
         try:
-            yield source.server.dsn(dbname)
+            yield databases.server.dsn(dbname)
         finally:
-            source.release(dbname)
+            databases.release(dbname)
 
     return pytest.fixture(fixture)
 
@@ -77,6 +110,24 @@ def db_clock(*, dsn: str = "exai_dsn") -> Any:
     return pytest.fixture(fixture)
 
 
+async def open_manager(fixture: str, dsn: str, manager_class: type[M], **options: Any) -> M:
+    """A started manager; a database without a usable public.sessions fails the test with one clear message."""
+    missing: SchemaMissing | None = None
+    try:
+        return await manager_class.open(dsn, **options)
+    except SchemaMissing as error:
+        missing = error
+    pytest.fail(no_sessions_table(fixture, missing), pytrace=False)
+
+
+def no_sessions_table(fixture: str, error: SchemaMissing) -> str:
+    return (
+        f"{fixture} needs the table public.sessions of the unified schema, and this test's database has none "
+        f"the store can use ({error.reason}). The template holds the unified schema unless exai_unified_schema "
+        "is false (or a factory's unified_schema leaves it out): turn it on, or let your migrations create the table."
+    )
+
+
 def session_manager(
     *,
     dsn: str = "exai_dsn",
@@ -93,8 +144,11 @@ def session_manager(
     @_requesting(dsn, clock, "exai_manager_options")
     async def fixture(**fixtures: Any) -> AsyncIterator[SessionManager]:
         """A started, persistent SessionManager on this test's database (options from @pytest.mark.exai_sessions)."""
-        manager = await manager_class.open(
-            fixtures[dsn], **{"clock": fixtures[clock], **fixtures["exai_manager_options"], **options}
+        manager = await open_manager(
+            "session_manager",
+            fixtures[dsn],
+            manager_class,
+            **{"clock": fixtures[clock], **fixtures["exai_manager_options"], **options},
         )
         try:
             yield manager

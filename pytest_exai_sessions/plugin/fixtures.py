@@ -9,11 +9,10 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from ..errors import MigrationError
+from ..errors import MigrationError, SchemaMissing
 from ..events import EventStore
 from ..manager import SessionManager
 from ..server import PostgresServer
-from ..server.cache import CACHED_TEMPLATE
 from ..store import SessionStore
 from ..testing.crash import CrashHarness
 from ..testing.databases import TestDatabases
@@ -23,6 +22,7 @@ from . import factories
 from .config import ExaiConfig
 from .hooks import MANAGER_OPTIONS, MARKER, config_of
 from .servers import ServerUnavailable, server_kind, start_server
+from .templates import Templates, fail_and_stop, main_schema, template_databases
 
 
 def _fail(message: str) -> NoReturn:
@@ -36,13 +36,18 @@ def exai_config(pytestconfig: pytest.Config) -> ExaiConfig:
 
 
 @pytest.fixture(scope="session")
-def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
+def exai_pg_server(exai_config: ExaiConfig, request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
     """The running PostgreSQL server (host, port, user, version): temporary, or external with --exai-dsn."""
     failure: str | None = None
+    broken: MigrationError | None = None
     try:
         server = start_server(exai_config)
     except ServerUnavailable as error:
         failure = str(error)
+    except MigrationError as error:  # --exai-reuse builds the templates as it starts the server
+        broken = error
+    if broken is not None:
+        fail_and_stop(request, broken)
     if failure is not None:
         _fail(failure)  # outside the except block: the report shows the reason, not a chain of tracebacks
     try:
@@ -52,25 +57,36 @@ def exai_pg_server(exai_config: ExaiConfig) -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
-def exai_databases(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> Iterator[TestDatabases]:
-    """The template database with the unified schema (built once) and the factory of per-test clones."""
-    databases = TestDatabases(
-        exai_pg_server,
-        template=CACHED_TEMPLATE if server_kind(exai_config) == "cached" else None,
-        ahead=exai_config.clones_ahead,
-        clock_start=exai_config.clock,
-    )
-    failure: str | None = None
+def exai_templates(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> Iterator[Templates]:
+    """The run's template databases, one per schema (the plugin's and each factory's), dropped at the end."""
+    templates = Templates(exai_pg_server, exai_config, cached=server_kind(exai_config) == "cached")
     try:
-        databases.create_template()
-    except MigrationError as error:
-        failure = f"the schema could not be applied to the template database {databases.template}: {error}"
-    if failure is not None:
-        _fail(failure)
-    try:
-        yield databases
+        yield templates
     finally:
-        databases.drop_template()
+        templates.close()
+
+
+@pytest.fixture(scope="session")
+def exai_databases(exai_templates: Templates, exai_config: ExaiConfig, request: pytest.FixtureRequest) -> TestDatabases:
+    """The template (the unified schema, then exai_migrations; built once) and the factory of per-test clones."""
+    return template_databases(exai_templates, main_schema(exai_config), request)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _exai_template_before_any_test(request: pytest.FixtureRequest) -> None:
+    """Build the plugin's template at the first test of a run whose tests need it, whichever test that is.
+
+    So a migration that fails stops the run before any test runs, not after the tests that
+    happened to come first. A server that cannot be had is left to the tests that need it.
+    """
+    if not any("exai_databases" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        return
+    try:
+        request.getfixturevalue("exai_databases")
+    except pytest.fail.Exception:
+        if request.session.shouldstop:
+            raise  # the template's migrations failed: this is the run's one report of it
+        # Otherwise the server is unavailable: each test that needs it fails with the reason.
 
 
 exai_dsn = factories.database()
@@ -93,10 +109,21 @@ def exai_manager_options(request: pytest.FixtureRequest) -> dict[str, Any]:
     return options
 
 
+async def _sessions_table_missing(store: SessionStore) -> SchemaMissing | None:
+    try:
+        await store.check()
+    except SchemaMissing as error:
+        return error
+    return None
+
+
 @pytest_asyncio.fixture
 async def session_store(exai_dsn: str) -> AsyncIterator[SessionStore]:
     """A SessionStore on this test's database."""
     async with await SessionStore.open(exai_dsn) as store:
+        missing = await _sessions_table_missing(store)
+        if missing is not None:
+            _fail(factories.no_sessions_table("session_store", missing))
         yield store
 
 
@@ -108,7 +135,12 @@ async def session_manager_factory(
     managers: list[SessionManager] = []
 
     async def make(**options: Any) -> SessionManager:
-        manager = await SessionManager.open(exai_dsn, **{"clock": exai_db_clock, **exai_manager_options, **options})
+        manager = await factories.open_manager(
+            "session_manager_factory",
+            exai_dsn,
+            SessionManager,
+            **{"clock": exai_db_clock, **exai_manager_options, **options},
+        )
         managers.append(manager)
         return manager
 
@@ -139,7 +171,12 @@ async def session_replicas(
             raise ValueError(f"session_replicas(count) needs a whole number >= 1, got {count!r}")
         replicas = []
         for _ in range(count):
-            manager = await SessionManager.open(exai_dsn, **{"clock": exai_db_clock, **exai_manager_options, **options})
+            manager = await factories.open_manager(
+                "session_replicas",
+                exai_dsn,
+                SessionManager,
+                **{"clock": exai_db_clock, **exai_manager_options, **options},
+            )
             managers.append(manager)
             replicas.append(manager)
         return replicas
@@ -160,6 +197,10 @@ async def crash_harness(
     exai_dsn: str, exai_pg_server: PostgresServer, exai_db_clock: DbClock
 ) -> AsyncIterator[CrashHarness]:
     """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database()."""
+    async with await SessionStore.open(exai_dsn) as store:
+        missing = await _sessions_table_missing(store)
+    if missing is not None:
+        _fail(factories.no_sessions_table("crash_harness", missing))
     harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip, clock=exai_db_clock)
     try:
         yield harness

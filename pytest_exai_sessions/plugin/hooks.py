@@ -18,6 +18,7 @@ from ..server.cluster import sweep_stale_clusters, temporary_server_supported
 from ..testing.recovery import compare_snapshots
 from .config import ExaiConfig, add_options, read_config
 from .servers import describe_setup
+from .templates import DECLARED
 
 MARKER = "exai_sessions"
 # The keyword options of SessionManager that a test may set through the marker.
@@ -65,6 +66,10 @@ def _validate(exai: ExaiConfig) -> None:
             raise pytest.UsageError(f"--exai-pg-basedir={exai.pg_basedir} is not an existing directory")
     except ExaiSessionsError as error:
         raise pytest.UsageError(str(error)) from None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    DECLARED.clear()  # the factories of the next run in this process (pytester's inline runs) declare their own
 
 
 def config_of(config: pytest.Config) -> ExaiConfig:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import ExaiSessionsError
+from ..errors import ExaiSessionsError, MigrationError
 from ..models import utc_now
 from ..schema import load_migrations
 from ..server import (
@@ -26,10 +26,12 @@ from ..server import (
     server_os_user,
 )
 from ..server.binaries import is_embedded, server_version
-from ..server.cache import CACHED_PREFIX, ClusterCache
+from ..server.cache import ClusterCache, cached_template_name
 from ..server.cluster import is_tmpfs, temporary_server_supported
 from ..testing.databases import TestDatabases
+from ..testing.template_schema import ResolvedSchema
 from .config import ExaiConfig
+from .templates import every_schema
 
 ServerKind = Literal["external", "cached", "temporary"]
 
@@ -70,20 +72,31 @@ def start_server(exai: ExaiConfig) -> PostgresServer:
 
         if kind == "temporary":
             return make_server().start()
-        cache = ClusterCache(make_server().basedir, load_migrations(), as_of=exai.clock or utc_now())
-        return cache.start(make_server, functools.partial(_build_cached_template, clock_start=exai.clock))
+        schemas = every_schema(exai)
+        cache = ClusterCache(make_server().basedir, [s.key for s in schemas], as_of=exai.clock or utc_now())
+        return cache.start(make_server, functools.partial(_build_cached_templates, schemas, clock_start=exai.clock))
+    except MigrationError:
+        raise  # the schema's fault, not the server's: reported as such
     except ExaiSessionsError as error:
         raise ServerUnavailable(f"{type(error).__name__}: {error}") from None
 
 
-def _build_cached_template(server: TemporaryPostgres, *, clock_start: datetime | None) -> None:
-    TestDatabases(server, prefix=CACHED_PREFIX, clock_start=clock_start).create_template()
+def _build_cached_templates(
+    schemas: list[ResolvedSchema], server: TemporaryPostgres, *, clock_start: datetime | None
+) -> None:
+    for schema in schemas:
+        databases = TestDatabases(
+            server, template=cached_template_name(schema.key), schema=schema, clock_start=clock_start
+        )
+        try:
+            databases.create_template()
+        finally:
+            databases.close()
 
 
 def describe_setup(exai: ExaiConfig) -> str:
     """One line on the server the tests will get; starts and connects to nothing."""
-    migrations = load_migrations()
-    schema = f"schema {migrations[-1].version:03d}_{migrations[-1].name}"
+    schema = _describe_schema(exai)
     if server_kind(exai) == "external":
         assert exai.dsn is not None
         params = conninfo_to_dict(exai.dsn)
@@ -109,3 +122,14 @@ def describe_setup(exai: ExaiConfig) -> str:
         f"exai-sessions: PostgreSQL {server_version(bindir)} ({source}, {bindir}), temporary server in "
         f"{basedir} ({disk}) as OS user {user}, {schema}"
     )
+
+
+def _describe_schema(exai: ExaiConfig) -> str:
+    """What the template holds, from the options alone (reads no migration of the app's)."""
+    migrations = load_migrations()
+    last = migrations[-1]
+    unified = f"schema {last.version:03d}_{last.name}" if exai.unified_schema else "no unified schema"
+    if not exai.migrations:
+        return unified
+    count = len(exai.migrations)
+    return f"{unified} + {count} app migration entr{'ies' if count != 1 else 'y'} (exai_migrations)"

@@ -20,16 +20,17 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from ..schema import Migration, apply_to_dsn
 from ..server.connection import PostgresServer
 from .backends import terminate_backends
-from .db_clock import DbClock
+from .db_clock import DbClock, has_db_clock
+from .template_schema import ResolvedSchema, TemplateSchema
 
 
 class ForcefulJanitor(DatabaseJanitor):
@@ -101,10 +102,14 @@ class TestDatabases:
         *,
         prefix: str | None = None,
         template: str | None = None,
+        schema: ResolvedSchema | None = None,
         ahead: int = 0,
         clock_start: datetime | None = None,
     ) -> None:
-        """``template``: a template database that already exists (a cached cluster's); kept, not dropped.
+        """``template``: the template's name (default: one of the prefix's). If a database of that
+        name exists already (a cached cluster's), it is used as it is and kept, never dropped.
+
+        ``schema``: what ``create_template`` applies (default: the whole unified schema).
 
         ``ahead``: how many clones to keep ready in the background (0: clone and drop in the caller).
         ``clock_start``: the schema is applied as of this instant and every clone's clock starts
@@ -116,7 +121,8 @@ class TestDatabases:
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         self.prefix = prefix or "_".join(filter(None, ["exai", worker, secrets.token_hex(3)]))
         self.template = template or f"{self.prefix}_template"
-        self.template_exists = template is not None
+        self.template_exists = False  # found existing by create_template: then kept
+        self.schema = schema
         self.clock_start = clock_start
         self._numbers = itertools.count(1)
         self._admin: psycopg.Connection[Any] | None = None
@@ -168,23 +174,27 @@ class TestDatabases:
             connection_timeout=10,
         )
 
-    def create_template(self, migrations: list[Migration] | None = None) -> None:
-        """Create the template and apply every migration to it, once per server (not if it exists).
+    def create_template(self) -> None:
+        """Create the template and apply the schema to it, unless a database of its name exists.
 
         Then set the template's clock to ``clock_start``, which every clone inherits. An
         existing template (a cached one) gets it too: its clock is whatever the run that
-        built it had.
+        built it had. A template without the unified clock (no unified schema, or one older
+        than it) keeps the real time.
         """
         template_dsn = self.server.dsn(self.template)
+        found = self._connection().execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.template,))
+        self.template_exists = found.fetchone() is not None
         if not self.template_exists:
             janitor = self._janitor(self.template, as_template=True)
             janitor.init()
             try:
-                apply_to_dsn(template_dsn, migrations, as_of=self.clock_start)
+                schema = self.schema or TemplateSchema().resolve(Path.cwd())
+                schema.apply(template_dsn, as_of=self.clock_start)
             except BaseException:
                 janitor.drop()
                 raise
-        if self.template_exists or self.clock_start is not None:
+        if (self.template_exists or self.clock_start is not None) and has_db_clock(template_dsn):
             DbClock(template_dsn, start=self.clock_start).reset()
 
     def drop_template(self) -> None:

@@ -47,6 +47,13 @@ class DbClock(ManualClock):
         return f"<DbClock {_database(self.dsn)}: {self._state()}>"
 
 
+def has_db_clock(dsn: str) -> bool:
+    """Whether the database has ``unified.set_clock()`` (not before migration 008, nor without the unified schema)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        found = conn.execute("SELECT to_regprocedure('unified.set_clock(timestamptz)') IS NOT NULL").fetchone()
+    return bool(found and found[0])
+
+
 def _database(dsn: str) -> str:
     try:
         name = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname")
