@@ -151,7 +151,7 @@ def test_a_broken_statement_names_its_file_line_and_postgresqls_message(
             "*Interrupted: the test template could not be built*",
         ]
     )
-    assert output.count("could not be built:") == 1  # one message, not one per test
+    assert output.count("ERROR at setup of") == 1  # one report, not one per test
     assert "ERROR at setup of test_needs_nothing" in output
     assert "Traceback" not in output and "pytest_exai_sessions/" not in output
     assert result.ret != 0
