@@ -6,11 +6,16 @@ import json
 import textwrap
 from pathlib import Path
 
+import psycopg
 import pytest
-from pg_leftovers import Leftovers
+from pg_leftovers import Leftovers, databases_besides
 
+from pytest_exai_sessions import MigrationError
 from pytest_exai_sessions.plugin.config import OPTIONS
+from pytest_exai_sessions.server import PostgresServer
 from pytest_exai_sessions.server.cache import CACHE_PREFIX
+from pytest_exai_sessions.testing.app_migrations import apply_app_migrations, resolve
+from pytest_exai_sessions.testing.databases import TestDatabases
 
 INI = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
 
@@ -480,3 +485,56 @@ def test_a_factorys_template_is_built_once_and_cached_by_its_own_key(pytester: p
     assert cached() == (templates, marker)  # the next run builds none of them
     # Without --exai-reuse, each is built in the run (and dropped after it).
     run(pytester, basedir).assert_outcomes(passed=2)
+
+
+def test_each_file_starts_from_a_fresh_session(empty_dsn: str, tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "m/001_app_schema.sql": "CREATE SCHEMA app;\nSET search_path = app;\nCREATE TABLE in_app (n int);\n",
+            "m/002_after.sql": "CREATE TABLE after_it (n int);\n",
+        },
+    )
+    steps = resolve(["m"], tmp_path)
+    assert apply_app_migrations(empty_dsn, steps) == ["m/001_app_schema.sql", "m/002_after.sql"]
+    assert apply_app_migrations(empty_dsn, steps) == []  # recorded: nothing to do again
+    with psycopg.connect(empty_dsn) as conn:
+        found = conn.execute("SELECT to_regclass('app.in_app') IS NOT NULL, to_regclass('public.after_it') IS NOT NULL")
+        assert found.fetchone() == (True, True)  # the first file's SET did not reach the second
+
+    write(tmp_path, {"m/002_after.sql": "CREATE TABLE after_it (n bigint);\n"})
+    with pytest.raises(MigrationError, match=r"m/002_after\.sql was changed after it was applied"):
+        apply_app_migrations(empty_dsn, resolve(["m"], tmp_path))
+
+
+def test_on_an_external_server_the_apps_templates_are_dropped_too(
+    pytester: pytest.Pytester, exai_pg_server: PostgresServer, exai_databases: TestDatabases
+) -> None:
+    pytester.makeini(INI)
+    write(pytester.path, {"orders.sql": "CREATE TABLE public.orders (id int);"})
+    pytester.makeconftest(
+        """
+        from pytest_exai_sessions.plugin import factories
+
+        bare_dsn = factories.database(unified_schema=False, migrations=["orders.sql"])
+        """
+    )
+    pytester.makepyfile(
+        """
+        import psycopg
+
+        def test_both(exai_dsn, bare_dsn):
+            for dsn, expected in ((exai_dsn, (True, True)), (bare_dsn, (True, False))):
+                with psycopg.connect(dsn) as conn:
+                    found = conn.execute(
+                        "SELECT to_regclass('public.orders') IS NOT NULL, to_regclass('public.sessions') IS NOT NULL"
+                    )
+                    assert found.fetchone() == expected
+        """
+    )
+    before = databases_besides(exai_databases)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--exai-dsn={exai_pg_server.dsn()}", "--exai-migration=orders.sql"
+    )
+    result.assert_outcomes(passed=1)
+    assert databases_besides(exai_databases) == before  # both templates and both clones are gone

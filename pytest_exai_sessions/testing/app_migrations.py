@@ -9,8 +9,8 @@ An entry is one of:
 - ``package.module:function`` (or the function itself), called with a psycopg connection to
   the template database, inside a transaction committed when it returns.
 
-Each file and each function runs in a transaction of its own, on a connection of its own
-(so one file's ``SET`` does not leak into the next), and is recorded with its checksum in
+Each file and each function runs in a transaction of its own, from a fresh session state
+(``DISCARD ALL``: one file's ``SET`` does not leak into the next), and is recorded with its checksum in
 ``exai_schema.applied_app_migrations``. The checksum of a function covers the source of its
 module and the files it declares with ``@cache_inputs(...)``, so a template cached by it
 is rebuilt when any of them changes.
@@ -213,21 +213,26 @@ def apply_app_migrations(dsn: str, steps: Sequence[AppMigration], *, as_of: date
 
     ``as_of``: run them as if it were that instant (the unified schema's clock setting).
     """
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    done: list[str] = []
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
         _ensure_ledger(conn)
         applied: dict[str, str] = dict(
             conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(_ledger())).fetchall()
         )
-    done: list[str] = []
-    for step in steps:
-        if step.name in applied:
-            if applied[step.name] != step.checksum:
-                raise MigrationError(
-                    f"{step.name} was changed after it was applied (its checksum differs from the one in "
-                    f"{LEDGER_SCHEMA}.{LEDGER_TABLE})"
-                )
-            continue
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        for step in steps:
+            if step.name in applied:
+                if applied[step.name] != step.checksum:
+                    raise MigrationError(
+                        f"{step.name} was changed after it was applied (its checksum differs from the one in "
+                        f"{LEDGER_SCHEMA}.{LEDGER_TABLE})"
+                    )
+                continue
+            if conn.closed:  # a function may close the connection it was given
+                conn = psycopg.connect(dsn, autocommit=True)
+            # Each step starts from a fresh session, as if it ran alone: one file's SET (a
+            # search_path, a role) does not leak into the next.
+            conn.execute("DISCARD ALL")
             if as_of is not None:
                 conn.execute("SELECT set_config(%s, %s, false)", (CLOCK_SETTING, as_of.isoformat()))
             with conn.transaction():
@@ -236,8 +241,10 @@ def apply_app_migrations(dsn: str, steps: Sequence[AppMigration], *, as_of: date
                     sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(_ledger()),
                     (step.name, step.checksum),
                 )
-        done.append(step.name)
-    return done
+            done.append(step.name)
+        return done
+    finally:
+        conn.close()
 
 
 def _ledger() -> sql.Identifier:
