@@ -99,8 +99,9 @@ OPTIONS = (
     ),
     Option(
         "exai_unified_schema",
-        "put the unified schema (public.sessions, unified.*) in the template; off for apps whose own "
-        "migrations bring every table (--exai-no-unified-schema, or exai_unified_schema = false in ini)",
+        "whether the template holds the unified schema (public.sessions, unified.*); the flag "
+        "--exai-no-unified-schema (ini: exai_unified_schema = false) leaves it out, for apps whose own "
+        "migrations bring every table",
         env="EXAI_SESSIONS_UNIFIED_SCHEMA",
         kind="bool",
         default=True,
