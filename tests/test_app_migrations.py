@@ -111,7 +111,7 @@ def test_the_flag_and_the_environment_give_entries_too(pytester: pytest.Pytester
     write(pytester.path, SUPABASE_PROJECT)
     pytester.makeini(INI)
     pytester.makepyfile(USES_BOTH_TABLES)
-    run(pytester, basedir, "--exai-migration=supabase/migrations").assert_outcomes(passed=2)
+    run(pytester, basedir, "--exai-migrations=supabase/migrations").assert_outcomes(passed=2)
 
     files = sorted(str(p.relative_to(pytester.path)) for p in (pytester.path / "supabase/migrations").glob("*.sql"))
     pytester._monkeypatch.setenv("EXAI_SESSIONS_MIGRATIONS", ",".join(files))
@@ -254,8 +254,8 @@ def test_a_callable_that_raises_shows_its_own_frames_only(pytester: pytest.Pytes
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("missing/dir", "*--exai-migration missing/dir: no such file or directory (relative paths resolve*"),
-        ("notes.txt", "*--exai-migration notes.txt: a migration file must end in .sql*"),
+        ("missing/dir", "*--exai-migrations missing/dir: no such file or directory (relative paths resolve*"),
+        ("notes.txt", "*--exai-migrations notes.txt: a migration file must end in .sql*"),
     ],
 )
 def test_an_entry_that_cannot_work_is_a_usage_error(
@@ -264,7 +264,7 @@ def test_an_entry_that_cannot_work_is_a_usage_error(
     pytester.makeini(INI)
     (pytester.path / "notes.txt").write_text("hello\n")
     pytester.makepyfile("def test_it(exai_dsn):\n    pass\n")
-    result = run(pytester, basedir, f"--exai-migration={entry}")
+    result = run(pytester, basedir, f"--exai-migrations={entry}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
 
@@ -326,7 +326,7 @@ def test_the_flag_turns_the_unified_schema_off_too(pytester: pytest.Pytester, ba
     pytester.makeini(INI)
     write(pytester.path, {"orders.sql": "CREATE TABLE public.orders (order_id bigint PRIMARY KEY);"})
     pytester.makepyfile(WITHOUT_UNIFIED)
-    run(pytester, basedir, "--exai-no-unified-schema", "--exai-migration=orders.sql").assert_outcomes(
+    run(pytester, basedir, "--exai-no-unified-schema", "--exai-migrations=orders.sql").assert_outcomes(
         passed=1, errors=2
     )
 
@@ -438,7 +438,7 @@ def test_help_documents_the_new_options(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
         [
-            "*--exai-migration=EXAI_MIGRATIONS*",
+            "*--exai-migrations=EXAI_MIGRATIONS*",
             "*--exai-no-unified-schema*",
             "*exai_migrations (linelist):*",
             "*exai_unified_schema (bool):*",
@@ -534,7 +534,7 @@ def test_on_an_external_server_the_apps_templates_are_dropped_too(
     )
     before = databases_besides(exai_databases)
     result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", f"--exai-dsn={exai_pg_server.dsn()}", "--exai-migration=orders.sql"
+        "-p", "no:cacheprovider", f"--exai-dsn={exai_pg_server.dsn()}", "--exai-migrations=orders.sql"
     )
     result.assert_outcomes(passed=1)
     assert databases_besides(exai_databases) == before  # both templates and both clones are gone

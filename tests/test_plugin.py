@@ -62,7 +62,7 @@ FLAGS = (
     "--exai-reuse",
     "--exai-clones-ahead",
     "--exai-clock",
-    "--exai-migration",
+    "--exai-migrations",
     "--exai-no-unified-schema",
 )
 # A DSN that fails at once if anything uses it: no server has a socket there.

@@ -26,13 +26,16 @@ class Option:
     kind: str = "string"  # string | bool | linelist
     default: Any = None
     shown_default: str = ""  # what --help says the default is
+    plural_flag: bool = False  # a linelist's flag keeps the ini key's plural (--exai-migrations)
 
     @property
     def flag(self) -> str:
         flag = "--" + self.name.replace("_", "-")
         if self.kind == "bool" and self.default is True:
             return flag.replace("--exai-", "--exai-no-", 1)  # the flag turns it off
-        return flag.removesuffix("s") if self.kind == "linelist" else flag  # one setting per flag
+        if self.kind == "linelist" and not self.plural_flag:
+            return flag.removesuffix("s")  # one setting per flag
+        return flag
 
     def describe(self) -> str:
         where = f" [env {self.env}]" if self.env else ""
@@ -96,6 +99,7 @@ OPTIONS = (
         kind="linelist",
         default=(),
         shown_default="none",
+        plural_flag=True,
     ),
     Option(
         "exai_unified_schema",
@@ -218,7 +222,7 @@ def _migrations(value: Any, rootdir: Path) -> tuple[str, ...]:
         try:
             check_entry(entry, rootdir)
         except ValueError as error:
-            raise pytest.UsageError(f"--exai-migration {error}") from None
+            raise pytest.UsageError(f"--exai-migrations {error}") from None
     return cleaned
 
 
