@@ -103,9 +103,9 @@ OPTIONS = (
     ),
     Option(
         "exai_unified_schema",
-        "whether the template holds the unified schema (public.sessions, unified.*); the flag "
-        "--exai-no-unified-schema (ini: exai_unified_schema = false) leaves it out, for apps whose own "
-        "migrations bring every table",
+        # No flag names in the text: older argparse wraps at their hyphens.
+        "whether the template holds the unified schema (public.sessions, unified.*); the flag, or "
+        "exai_unified_schema = false in ini, leaves it out, for apps whose own migrations bring every table",
         env="EXAI_SESSIONS_UNIFIED_SCHEMA",
         kind="bool",
         default=True,
