@@ -12,7 +12,8 @@ import pytest_asyncio
 from ..errors import MigrationError, SchemaMissing
 from ..events import EventStore
 from ..manager import SessionManager
-from ..server import PostgresServer
+from ..server import PostgresServer, server_os_user
+from ..server.pooler import PgBouncer, PoolerNotFound, PoolMode, find_pgbouncer
 from ..store import SessionStore
 from ..testing.crash import CrashHarness
 from ..testing.databases import TestDatabases
@@ -87,6 +88,36 @@ def _exai_template_before_any_test(request: pytest.FixtureRequest) -> None:
         if request.session.shouldstop:
             raise  # the template's migrations failed: this is the run's one report of it
         # Otherwise the server is unavailable: each test that needs it fails with the reason.
+
+
+@pytest.fixture(scope="session")
+def exai_pgbouncer(
+    exai_pg_server: PostgresServer, exai_config: ExaiConfig
+) -> Iterator[Callable[[PoolMode], PgBouncer]]:
+    """``exai_pgbouncer("transaction" | "session")``: a real PgBouncer in that mode in front of the run's server.
+
+    Started at the first call for a mode, shared by the run's tests, stopped at the end.
+    Without a ``pgbouncer`` binary the test skips, saying how to install one.
+    """
+    started: dict[str, PgBouncer] = {}
+
+    def start(mode: PoolMode) -> PgBouncer:
+        if mode not in started:
+            try:
+                binary = find_pgbouncer()
+            except PoolerNotFound as error:
+                _skip(str(error))
+            os_user = None if exai_pg_server.external else server_os_user(exai_config.pg_os_user)
+            started[mode] = PgBouncer(
+                exai_pg_server, mode=mode, binary=binary, os_user=os_user, basedir=exai_config.pg_basedir
+            ).start()
+        return started[mode]
+
+    try:
+        yield start
+    finally:
+        for pooler in started.values():
+            pooler.stop()
 
 
 exai_dsn = factories.database()
