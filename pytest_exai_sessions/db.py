@@ -206,19 +206,21 @@ class Database:
         """
         if self._server_lost:
             await self._reconnect(action)
+        # This call's pool: another call may replace self._pool meanwhile (see _reconnect).
+        pool = self._pool
         try:
             async with asyncio.timeout(self.answer_within):
-                conn = await self._pool.getconn()
+                conn = await pool.getconn()
                 try:
                     cursor = conn.row_cursor()
                     await cursor.execute(query, params)
                     row = await cursor.fetchone()
                 finally:
-                    await self._pool.putconn(conn)
+                    await pool.putconn(conn)
         except TimeoutError as error:
             raise self._no_answer(action) from error
         except psycopg.Error as error:
-            self._note_failure(error)
+            self._note_failure(error, pool)
             raise _persistence_error(action, error, self._connect_failures) from error
         return row
 
@@ -230,17 +232,18 @@ class Database:
         """
         if self._server_lost:
             await self._reconnect(action)
+        pool = self._pool
         try:
             with database_errors(action, self._connect_failures):
                 if bounded:
-                    async with self.deadline(action), self._pool.connection() as conn:
+                    async with self.deadline(action), pool.connection() as conn:
                         yield conn
                 else:
-                    async with self._pool.connection() as conn:
+                    async with pool.connection() as conn:
                         yield conn
         except PersistenceError as error:
             if isinstance(error.__cause__, psycopg.Error):
-                self._note_failure(error.__cause__)
+                self._note_failure(error.__cause__, pool)
             raise
 
     async def stream(
@@ -264,9 +267,13 @@ class Database:
                 for row in rows:
                     yield row
 
-    def _note_failure(self, error: psycopg.Error) -> None:
-        """After a connection failure, the next call first checks whether the server is back."""
-        if isinstance(error, psycopg.OperationalError):
+    def _note_failure(self, error: psycopg.Error, pool: AsyncConnectionPool[_PooledConnection]) -> None:
+        """After a connection failure, the next call first checks whether the server is back.
+
+        Not for a failure of a pool already replaced (its calls get PoolClosed): the new one
+        would be replaced in turn, and with calls in flight that never ended.
+        """
+        if isinstance(error, psycopg.OperationalError) and pool is self._pool:
             self._server_lost = True
 
     async def _reconnect(self, action: str) -> None:
@@ -274,18 +281,27 @@ class Database:
 
         The pool retries with a backoff that doubles up to minutes, so after a long outage it
         could keep failing calls long after the server returned. One direct connection tells
-        whether the server is back; if it is, a new pool replaces the old one.
+        whether the server is back; if it is, a new pool replaces the old one. Calls that
+        found the server lost at the same time probe each; the first one back replaces the
+        pool, the others use that one.
         """
+        lost = self._pool
         with database_errors(action):
             probe = await psycopg.AsyncConnection.connect(
                 self.conninfo, connect_timeout=self.pool_options["connect_timeout"]
             )
         await probe.close()
-        old, self._pool = self._pool, self._new_pool()
-        self._server_lost = False
-        await old.close(timeout=0)
+        if self._pool is not lost:
+            return  # a call that probed at the same time has replaced it already
+        # Opened before it is handed out: a call given a pool not open yet gets PoolClosed.
+        fresh = self._new_pool()
         with database_errors(action, self._connect_failures):
-            await self._pool.open(wait=False)
+            await fresh.open(wait=False)
+        if self._pool is not lost:
+            await fresh.close(timeout=0)
+            return
+        self._pool, self._server_lost = fresh, False
+        await lost.close(timeout=0)
 
     @asynccontextmanager
     async def deadline(self, action: str) -> AsyncIterator[None]:
