@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import select
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import TupleRow, tuple_row
+from psycopg.rows import RowFactory, TupleRow, tuple_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -27,6 +29,16 @@ from .errors import PersistenceError
 
 # The one environment variable that names the database, for the CLI, compat and the plugin.
 DSN_ENV = "EXAI_SESSIONS_DSN"
+
+logger = logging.getLogger(__name__)
+
+# InvalidSqlStatementName, DuplicatePreparedStatement: what psycopg's prepared statements
+# raise when consecutive transactions of one connection run on different server connections.
+_PREPARED_STATEMENT_ERRORS = frozenset({"26000", "42P05"})
+# ProtocolViolation, when the other server connection has a statement of that name with
+# another number of parameters: 'bind message supplies 4 parameters, but prepared statement
+# "_pg3_0" requires 3'. Other protocol violations are not about prepared statements.
+_PROTOCOL_VIOLATION = "08P01"
 
 
 class PoolOptions(TypedDict, total=False):
@@ -37,6 +49,9 @@ class PoolOptions(TypedDict, total=False):
     timeout: float  # seconds a call waits for a connection; twice that for an answer (default 5)
     connect_timeout: int  # seconds to connect (default 5)
     application_name: str | None  # default: exai-sessions-<random>, so a crash helper finds its backends
+    # Server-side prepared statements (psycopg prepares a statement on its 6th execution on a
+    # connection). None (default): on, unless a pooler is in between; True: on; False: never.
+    prepared_statements: bool | None
 
 
 # A statement as psycopg takes it. The hot ones are composed once and kept as bytes:
@@ -51,7 +66,7 @@ def _json_from_utf8(data: str | bytes) -> Any:
     return json.loads(data if isinstance(data, str) else data.decode("utf-8", "surrogatepass"))
 
 
-_Cursor = TypeVar("_Cursor", bound=psycopg.AsyncCursor[TupleRow])
+_Cursor = TypeVar("_Cursor", bound=psycopg.AsyncCursor[Any])
 
 
 def tuple_cursor(cursor: _Cursor) -> _Cursor:
@@ -135,7 +150,14 @@ async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> No
 
 
 class Database:
-    """A pool of autocommit connections to one database; every failure is a ``PersistenceError``."""
+    """A pool of autocommit connections to one database; every failure is a ``PersistenceError``.
+
+    Works behind a pooler in transaction mode (PgBouncer's default options): it keeps no
+    session state across statements, and with ``prepared_statements=None`` (the default) a
+    connection that goes through a pooler does not prepare statements. Once a prepared
+    statement failed as it does behind a pooler (SQLSTATE 26000, 42P05), none of its
+    connections prepares any more, and a single autocommit statement is run again.
+    """
 
     def __init__(self, conninfo: str, *, application_name: str, pool_options: Mapping[str, Any]) -> None:
         """Use ``await Database.open(...)``: it builds the pool and waits for one connection."""
@@ -147,6 +169,12 @@ class Database:
         # statement on a server that accepted the connection but stopped answering.
         self.answer_within = 2 * self.pool_options["timeout"]
         self._connect_failures = _ConnectFailures()
+        self.prepared_statements: bool | None = self.pool_options["prepared_statements"]
+        # Automatic: each connection decides at connect (_configure); after a prepared statement
+        # failed, every connection of this database stops preparing (_stop_preparing_after).
+        self._never_prepare = self.prepared_statements is False
+        # The connections that prepare automatically, so that one failure reaches them all.
+        self._preparing: weakref.WeakSet[psycopg.AsyncConnection[Any]] = weakref.WeakSet()
         self._pool = self._new_pool()
         # Set when a call could not reach the server; the next call first checks whether it is back.
         self._server_lost = False
@@ -164,9 +192,51 @@ class Database:
             min_size=options["min_size"],
             max_size=options["max_size"],
             timeout=options["timeout"],
+            configure=self._configure,
             check=_discard_if_closed_by_server,
             open=False,
         )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Set up a new connection of the pool: whether psycopg may prepare its statements.
+
+        Behind a pooler in transaction mode each transaction may run on another server
+        connection, which does not know the statements psycopg prepared on the one before (or
+        already has one of that name). A pooler hands the client a backend pid of its own
+        making, so one round trip per connection, never per call, tells whether one is there.
+        """
+        if self.prepared_statements is True:
+            return
+        if not self._never_prepare:
+            cursor = await conn.execute(b"SELECT pg_backend_pid()", prepare=False)
+            row = await cursor.fetchone()
+            # Checked again after the await: a failure meanwhile may have switched preparing off.
+            if row is not None and row[0] == conn.info.backend_pid and not self._never_prepare:
+                self._preparing.add(conn)
+                return
+        conn.prepare_threshold = None  # psycopg then neither prepares nor uses what it prepared
+
+    def _stop_preparing_after(self, error: psycopg.Error) -> bool:
+        """Whether ``error`` is a prepared statement the server connection lacked (or had already)
+        under the automatic option; if so, no connection of this database prepares any more.
+
+        For a pooler that passes the server's pid on, which ``_configure`` cannot tell from a
+        direct connection. The statement did not run: its Parse or its Bind was refused.
+        """
+        if self.prepared_statements is not None or not _prepared_statement_failed(error):
+            return False
+        if not self._never_prepare:
+            self._never_prepare = True
+            for conn in list(self._preparing):
+                conn.prepare_threshold = None
+            self._preparing.clear()
+            logger.warning(
+                "%r: prepared statements switched off after %s: %s (a pooler in transaction mode in between?)",
+                self,
+                type(error).__name__,
+                error,
+            )
+        return True
 
     @classmethod
     async def open(cls, conninfo: str, **options: Unpack[PoolOptions]) -> Self:
@@ -183,7 +253,14 @@ class Database:
             "max_size": options.get("max_size", 10),
             "timeout": options.get("timeout", 5.0),
             "connect_timeout": options.get("connect_timeout", 5),
+            "prepared_statements": options.get("prepared_statements"),
         }
+        prepared = pool_options["prepared_statements"]
+        if prepared is not None and not isinstance(prepared, bool):
+            raise TypeError(
+                f"prepared_statements must be True, False or None (automatic), not {type(prepared).__name__} "
+                f"{prepared!r}"
+            )
         # A name of its own lets a crash helper find exactly this pool's backends.
         name = options.get("application_name") or f"exai-sessions-{secrets.token_hex(4)}"
         database = cls(conninfo, application_name=name, pool_options=pool_options)
@@ -220,9 +297,36 @@ class Database:
         except TimeoutError as error:
             raise self._no_answer(action) from error
         except psycopg.Error as error:
+            if self._stop_preparing_after(error):
+                # One autocommit statement whose Parse or Bind was refused: it did not run.
+                rows = await self._fetch_all(action, query, params, tuple_row)
+                return rows[0] if rows else None
             self._note_failure(error, pool)
             raise _persistence_error(action, error, self._connect_failures) from error
         return row
+
+    async def fetch_all(
+        self, action: str, query: Query, params: Mapping[str, Any], *, row_factory: RowFactory[Any] = tuple_row
+    ) -> list[Any]:
+        """Run one autocommit statement and return its rows, as ``connection`` guarantees.
+
+        Like ``fetch_one``, it runs the statement once more when psycopg's prepared statement
+        failed (and preparing is then off): a refused Parse or Bind ran nothing.
+        """
+        try:
+            return await self._fetch_all(action, query, params, row_factory)
+        except PersistenceError as error:
+            if not (isinstance(error.__cause__, psycopg.Error) and self._stop_preparing_after(error.__cause__)):
+                raise
+        return await self._fetch_all(action, query, params, row_factory)
+
+    async def _fetch_all(
+        self, action: str, query: Query, params: Mapping[str, Any], row_factory: RowFactory[Any]
+    ) -> list[Any]:
+        async with self.connection(action) as conn:
+            cursor = tuple_cursor(conn.cursor(row_factory=row_factory))
+            await cursor.execute(query, params)
+            return await cursor.fetchall()
 
     @asynccontextmanager
     async def connection(self, action: str, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -242,7 +346,9 @@ class Database:
                     async with pool.connection() as conn:
                         yield conn
         except PersistenceError as error:
-            if isinstance(error.__cause__, psycopg.Error):
+            # Inside the caller's block a failed prepared statement cannot be run again here:
+            # the caller gets the error, and the calls after it do not prepare.
+            if isinstance(error.__cause__, psycopg.Error) and not self._stop_preparing_after(error.__cause__):
                 self._note_failure(error.__cause__, pool)
             raise
 
@@ -317,6 +423,12 @@ class Database:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {describe(self.conninfo)} as {self.application_name!r}>"
+
+
+def _prepared_statement_failed(error: psycopg.Error) -> bool:
+    if error.sqlstate in _PREPARED_STATEMENT_ERRORS:
+        return True
+    return error.sqlstate == _PROTOCOL_VIOLATION and "prepared statement" in (error.diag.message_primary or "")
 
 
 def describe(conninfo: str) -> str:

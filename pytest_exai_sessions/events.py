@@ -161,10 +161,7 @@ class EventStore:
         await self.close()
 
     async def _fetch_all(self, action: str, query: sql.Composed, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        async with self.database.connection(action) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(query, params)
-            return await cur.fetchall()
+        return await self.database.fetch_all(action, query, params, row_factory=dict_row)
 
     async def record(self, event: Event) -> RecordedEvent:
         """Insert ``event``; return the row as stored (id, timestamps, standardised metadata)."""

@@ -368,8 +368,7 @@ class SessionStore:
             returning=_RETURNING, table=_TABLE
         )
         try:
-            async with self.database.connection("checking public.sessions") as conn:
-                await conn.execute(query)
+            await self.database.fetch_all("checking public.sessions", query, {})
         except PersistenceError as error:
             cause = error.__cause__
             if isinstance(cause, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
@@ -465,9 +464,8 @@ class SessionStore:
     async def live_ids(self, *, stale_before: datetime, now: datetime) -> list[str]:
         """The ids of every live session, sorted."""
         params = {"stale_before": stale_before, "now": now}
-        async with self.database.connection("listing live sessions") as conn:
-            cur = await conn.execute(_live_ids_query(), params)
-            return [row[0] for row in await cur.fetchall()]
+        rows = await self.database.fetch_all("listing live sessions", _live_ids_query(), params)
+        return [row[0] for row in rows]
 
     async def metrics(self, *, stale_before: datetime, now: datetime) -> SessionMetrics:
         """Counts and ages (seconds at ``now``) of the sessions still marked active."""
@@ -484,9 +482,7 @@ class SessionStore:
         )
         query, params = _logged(change, events, sql.SQL("session_id"))
         params["id"] = session_id
-        async with self.database.connection(f"deleting session {session_id!r}") as conn:
-            cur = await conn.execute(query, params)
-            return cur.rowcount > 0
+        return bool(await self.database.fetch_all(f"deleting session {session_id!r}", query, params))
 
     async def expire_stale(
         self, *, stale_before: datetime, now: datetime, events: SessionEvents | None = None, batch_size: int = 5000
@@ -499,9 +495,7 @@ class SessionStore:
         params.update(stale_before=stale_before, now=now, batch=batch_size)
         expired: list[str] = []
         while True:
-            async with self.database.connection("expiring timed-out sessions") as conn:
-                cur = await conn.execute(query, params)
-                batch = [row[0] for row in await cur.fetchall()]
+            batch = [row[0] for row in await self.database.fetch_all("expiring timed-out sessions", query, params)]
             expired += batch
             if len(batch) < batch_size:
                 return expired

@@ -9,13 +9,16 @@ away and come back under a running app. Every count is also read over a direct c
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from pytest_exai_sessions import PersistenceError, SessionManager
+from pytest_exai_sessions import EventStore, PersistenceError, SessionManager, SessionStore
+from pytest_exai_sessions.store import _fetch_query
 
 SESSIONS = [f"session-{n:02d}" for n in range(50)]
 
@@ -43,7 +46,7 @@ async def requests_at_once(manager: SessionManager, acknowledged: Counter[str]) 
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("mode", ["session"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
 async def test_calls_fail_while_the_pooler_is_down_and_the_app_recovers_after_its_restart(
     exai_pgbouncer, exai_dsn, mode
 ):
@@ -73,3 +76,201 @@ async def test_calls_fail_while_the_pooler_is_down_and_the_app_recovers_after_it
 
     assert acknowledged == dict.fromkeys(SESSIONS, 7)
     assert served == request_counts(exai_dsn) == acknowledged
+
+
+@pytest.mark.asyncio
+async def test_fifty_sessions_at_once_through_transaction_mode_with_default_options(exai_pgbouncer, exai_dsn):
+    """The reproduction: psycopg prepared update_activity's statement on its 6th run and the
+    next transaction ran on another server connection (DuplicatePreparedStatement,
+    InvalidSqlStatementName)."""
+    acknowledged: Counter[str] = Counter()
+    async with SessionManager.connect(pooled(exai_pgbouncer("transaction"), exai_dsn)) as manager:
+        for session_id in SESSIONS:
+            await manager.ensure(session_id)
+        for _ in range(10):
+            assert await requests_at_once(manager, acknowledged) == []
+    assert request_counts(exai_dsn) == acknowledged == dict.fromkeys(SESSIONS, 10)
+
+
+@pytest.mark.asyncio
+async def test_twenty_rounds_through_transaction_mode_survive_a_pooler_restart_and_a_new_manager(
+    exai_pgbouncer, exai_dsn
+):
+    pooler = exai_pgbouncer("transaction")
+    dsn = pooled(pooler, exai_dsn)
+    acknowledged: Counter[str] = Counter()
+    manager = await SessionManager.open(dsn)
+    try:
+        for session_id in SESSIONS:
+            await manager.ensure(session_id)
+        for _ in range(20):
+            assert await requests_at_once(manager, acknowledged) == []
+    finally:
+        await manager.abandon()  # as a killed process: nothing closed cleanly
+    pooler.restart()
+
+    async with SessionManager.connect(dsn) as fresh:
+        recovered = {session_id: (await fresh.get(session_id)).request_count for session_id in SESSIONS}
+        assert await requests_at_once(fresh, acknowledged) == []
+
+    assert recovered == dict.fromkeys(SESSIONS, 20)
+    assert request_counts(exai_dsn) == acknowledged == dict.fromkeys(SESSIONS, 21)
+
+
+def server_connections(dsn: str) -> int:
+    """How many backends of ``dsn``'s database there are besides this check's own."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def prepared_statements(store: SessionStore) -> list[tuple[str, str, int]]:
+    """Name, text and executions of each statement prepared on the backend of ``store``'s one connection."""
+    async with store.database.connection("reading pg_prepared_statements") as conn:
+        cursor = await conn.execute(
+            "SELECT name, statement, generic_plans + custom_plans FROM pg_prepared_statements ORDER BY name",
+            prepare=False,
+        )
+        return await cursor.fetchall()
+
+
+ONE_CONNECTION = {"min_size": 1, "max_size": 1}
+
+
+@pytest.mark.asyncio
+async def test_prepared_statements_true_through_transaction_mode_fails_as_psycopg_does(exai_pgbouncer, exai_dsn):
+    """``True`` is kept as asked, with no fallback: the second client's 6th run prepares
+    ``_pg3_0`` on the one server connection, where the first client's ``_pg3_0`` already is."""
+    dsn = pooled(exai_pgbouncer("transaction"), exai_dsn)
+    async with (
+        await SessionStore.open(dsn, prepared_statements=True, **ONE_CONNECTION) as first,
+        await SessionStore.open(dsn, prepared_statements=True, **ONE_CONNECTION) as second,
+    ):
+        for _ in range(8):
+            assert await first.fetch("nobody") is None
+        for _ in range(5):
+            assert await second.fetch("nobody") is None
+        with pytest.raises(
+            PersistenceError, match='DuplicatePreparedStatement: prepared statement "_pg3_0"'
+        ) as failure:
+            await second.fetch("nobody")
+        assert isinstance(failure.value.__cause__, psycopg.errors.DuplicatePreparedStatement)
+        # What made it deterministic: both clients' statements ran on one server connection.
+        assert server_connections(exai_dsn) == 1
+
+
+@pytest.mark.asyncio
+async def test_the_automatic_option_prepares_nothing_through_transaction_mode(exai_pgbouncer, exai_dsn):
+    dsn = pooled(exai_pgbouncer("transaction"), exai_dsn)
+    async with (
+        await SessionStore.open(dsn, **ONE_CONNECTION) as first,
+        await SessionStore.open(dsn, **ONE_CONNECTION) as second,
+    ):
+        for _ in range(8):
+            assert await first.fetch("nobody") is None
+            assert await second.fetch("nobody") is None
+        assert server_connections(exai_dsn) == 1
+        assert await prepared_statements(first) == []  # read on that one server connection
+
+
+@pytest.mark.asyncio
+async def test_the_automatic_option_prepares_on_a_direct_connection(exai_dsn):
+    async with await SessionStore.open(exai_dsn, **ONE_CONNECTION) as store:
+        for _ in range(6):
+            assert await store.fetch("nobody") is None
+        statements = await prepared_statements(store)
+    # Once prepared on the 6th run, and run prepared that time.
+    assert statements == [("_pg3_0", _fetch_query().decode().replace("%(id)s", "$1"), 1)]
+
+
+@pytest.mark.asyncio
+async def test_prepared_statements_false_never_prepares_on_a_direct_connection(exai_dsn):
+    async with await SessionStore.open(exai_dsn, prepared_statements=False, **ONE_CONNECTION) as store:
+        for _ in range(20):
+            assert await store.fetch("nobody") is None
+        assert await prepared_statements(store) == []
+
+
+@pytest.mark.asyncio
+async def test_a_statement_name_taken_on_the_server_switches_preparing_off_and_runs_the_call_again(exai_dsn, caplog):
+    """What a pooler that passes the server's pid on looks like: the automatic option cannot
+    tell it from a direct connection, and ``_pg3_0`` is already prepared on the backend."""
+    async with await SessionStore.open(exai_dsn, **ONE_CONNECTION) as store:
+        async with store.database.connection("preparing a statement of another client") as conn:
+            await conn.execute("PREPARE _pg3_0 AS SELECT 1", prepare=False)
+            backend = conn.info.backend_pid
+        with caplog.at_level(logging.WARNING, logger="pytest_exai_sessions.db"):
+            for _ in range(10):
+                assert await store.fetch("nobody") is None  # the 6th prepared, was refused, ran again
+        assert await prepared_statements(store) == [("_pg3_0", "PREPARE _pg3_0 AS SELECT 1", 0)]
+        assert "prepared statements switched off after DuplicatePreparedStatement" in caplog.text
+
+        # A connection opened after the switch does not prepare either.
+        with psycopg.connect(exai_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))
+        for _ in range(10):
+            assert await store.fetch("nobody") is None
+        async with store.database.connection("reading the new backend") as conn:
+            assert conn.info.backend_pid != backend
+        assert await prepared_statements(store) == []
+
+
+@pytest.mark.asyncio
+async def test_a_failed_prepared_statement_stops_every_connection_of_the_database_from_using_its_own(exai_dsn):
+    async with await SessionStore.open(exai_dsn, min_size=2, max_size=2) as store:
+        database = store.database
+        async with database.connection("one") as first, database.connection("two") as second:
+            for _ in range(6):  # prepared on the second connection's backend
+                await second.execute(_fetch_query(), {"id": "nobody"})
+            await first.execute("PREPARE _pg3_0 AS SELECT 1", prepare=False)
+
+        async with database.connection("holding the second") as second:
+            for _ in range(6):  # all on the first connection: its 6th is refused, then run unprepared
+                assert await store.fetch("nobody") is None
+            used = await (await second.execute(EXECUTIONS, prepare=False)).fetchone()
+
+        async with database.connection("holding the first"):
+            for _ in range(6):  # all on the second connection, which no longer runs its _pg3_0
+                assert await store.fetch("nobody") is None
+            async with database.connection("the second") as second:
+                assert await (await second.execute(EXECUTIONS, prepare=False)).fetchone() == used
+
+
+EXECUTIONS = "SELECT name, generic_plans + custom_plans FROM pg_prepared_statements"
+
+
+@pytest.mark.asyncio
+async def test_inside_a_transaction_block_the_failed_statement_raises_and_writes_nothing(exai_dsn):
+    async with SessionManager.connect(exai_dsn, store_options=ONE_CONNECTION) as manager:
+        await manager.ensure("merged")
+        for number in range(6):  # merge_data's transaction; its statement prepared on the 6th
+            await manager.merge_data("merged", {f"key{number}": number})
+        async with manager.store.database.connection("dropping the prepared statement") as conn:
+            cursor = await conn.execute(
+                "SELECT name FROM pg_prepared_statements WHERE statement LIKE %s", ("%session_data ||%",), prepare=False
+            )
+            (name,) = await cursor.fetchone()
+            await conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(name)), prepare=False)
+
+        with pytest.raises(PersistenceError, match="InvalidSqlStatementName") as failure:
+            await manager.merge_data("merged", {"lost": True})
+        assert isinstance(failure.value.__cause__, psycopg.errors.InvalidSqlStatementName)
+        stored = await manager.merge_data("merged", {"kept": True})  # preparing is off now
+        assert await prepared_statements(manager.store) == []
+    assert stored.data == {**{f"key{n}": n for n in range(6)}, "kept": True}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("value", ["yes", 1, 0, "auto"])
+async def test_a_bad_prepared_statements_value_raises_before_connecting(value):
+    nowhere = "host=/nonexistent-directory port=1 dbname=nothing connect_timeout=1"
+    message = f"prepared_statements must be True, False or None \\(automatic\\), not {type(value).__name__}"
+    with pytest.raises(TypeError, match=message):
+        await SessionStore.open(nowhere, prepared_statements=value)
+    with pytest.raises(TypeError, match=message):
+        await EventStore.open(nowhere, prepared_statements=value)
+    with pytest.raises(TypeError, match=message):
+        await SessionManager.open(nowhere, store_options={"prepared_statements": value})
