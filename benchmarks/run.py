@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import random
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import tracemalloc
@@ -35,6 +37,7 @@ from pytest_exai_sessions import Session, SessionManager, SessionStore
 from pytest_exai_sessions.schema import latest_version
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cache import ClusterCache, cached_template_name
+from pytest_exai_sessions.server.pooler import POOL_MODES, PgBouncer, PoolerNotFound, find_pgbouncer
 from pytest_exai_sessions.store import COLUMNS
 from pytest_exai_sessions.testing.crash import CrashHarness
 from pytest_exai_sessions.testing.databases import TestDatabases
@@ -57,7 +60,13 @@ filled by one INSERT ... SELECT generate_series, then VACUUM ANALYZE. 6. Two dat
 1,000 and 1,000,000 sessions; `SessionManager.open(dsn)` (default options) plus a `get` of a \
 random stored id (its fields checked), the two sizes alternating for 15 rounds after one untimed \
 round each; memory is the tracemalloc peak, in rounds of their own, and the largest growth \
-of this process's RSS over open + get, the manager still open; a ratio is the median of the per-round ratios."""
+of this process's RSS over open + get, the manager still open; a ratio is the median of the per-round ratios. \
+7. {pgbouncer} (`pgbouncer --version`) in front of the same tmpfs server, one in transaction and one in session \
+pool mode, each on a unix socket of its own. On one cloned database, section 3's raw upsert and SELECT (one \
+autocommit connection per path; through a pooler with `prepare_threshold=None`) and `update_activity` and `get` \
+(default store options), direct and through each pooler, and a direct manager with `"prepared_statements": False`, \
+all take turns in the same 30 alternating blocks of 200 calls on the same 100 sessions; a ratio is the median of the \
+per-block ratios."""
 
 
 @dataclass
@@ -212,10 +221,10 @@ RAW_SELECT = sql.SQL("SELECT {columns} FROM {table} WHERE {key} = %s").format(
 )
 
 
-async def per_call_rates(
-    conn: psycopg.AsyncConnection[Any], manager: SessionManager, blocks: int, calls: int
-) -> dict[str, list[float]]:
-    """Calls per second of each way, in alternating blocks of ``calls`` calls."""
+def single_calls(
+    conn: psycopg.AsyncConnection[Any], manager: SessionManager
+) -> dict[str, Callable[[int], Awaitable[None]]]:
+    """Call number ``n`` of each way: raw psycopg on ``conn``, the API on ``manager``, on 100 sessions."""
 
     async def upsert(number: int) -> None:
         await conn.execute(RAW_UPSERT, (f"raw-{number % 100}", 5))
@@ -234,6 +243,19 @@ async def per_call_rates(
         await manager.get(f"m-{number % 100}")
 
     select = RAW_SELECT.as_string(conn)
+    return {
+        "upsert": upsert,
+        "update": update,
+        "update_activity": update_activity,
+        "raw_select": raw_select,
+        "get": get,
+    }
+
+
+async def per_call_rates(
+    ways: dict[str, Callable[[int], Awaitable[None]]], blocks: int, calls: int
+) -> dict[str, list[float]]:
+    """Calls per second of each way, in alternating blocks of ``calls`` calls."""
 
     def block(call: Callable[[int], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
@@ -242,13 +264,6 @@ async def per_call_rates(
 
         return run
 
-    ways = {
-        "upsert": upsert,
-        "update": update,
-        "update_activity": update_activity,
-        "raw_select": raw_select,
-        "get": get,
-    }
     return await alternating_rates({name: block(call) for name, call in ways.items()}, blocks, calls)
 
 
@@ -348,7 +363,7 @@ async def manager_speed(server: TemporaryPostgres, blocks: int) -> list[Figure]:
             for number in range(100):
                 await conn.execute("INSERT INTO public.sessions (session_id) VALUES (%s)", (f"raw-{number}",))
                 await manager.ensure(f"m-{number}")
-            rates = await per_call_rates(conn, manager, blocks, calls=200)
+            rates = await per_call_rates(single_calls(conn, manager), blocks, calls=200)
             changed_rates = await changed_read_rates(conn, manager, replica, blocks, calls=200)
             batch_rates = await batch_request_rates(conn, manager, rounds=max(3, blocks // 3), batch=10_000)
     finally:
@@ -554,14 +569,119 @@ async def kill_and_restart(server: TemporaryPostgres, repeat: int) -> list[Figur
     ]
 
 
+def pgbouncer_version() -> str:
+    """The first line of ``pgbouncer --version`` ("PgBouncer 1.18.0"), or why there is none."""
+    try:
+        found = subprocess.run([str(find_pgbouncer()), "--version"], capture_output=True, text=True, check=True)
+    except (PoolerNotFound, OSError, subprocess.CalledProcessError) as error:
+        return f"no PgBouncer ({error})"
+    return found.stdout.splitlines()[0].strip()
+
+
+# The calls section 7 compares on every path, and how each is named in its figures.
+POOLED_CALLS = {
+    "upsert": "raw psycopg upsert",
+    "update_activity": "SessionManager.update_activity",
+    "raw_select": "raw psycopg primary-key SELECT",
+    "get": "SessionManager.get",
+}
+
+
+async def behind_pgbouncer(server: TemporaryPostgres, blocks: int) -> list[Figure]:
+    """Section 3's calls directly and through PgBouncer in each pool mode, and the store never preparing.
+
+    Every way takes its turn in the same alternation, on the same database and sessions.
+    """
+    databases = TestDatabases(server)
+    databases.create_template()
+    dbname = databases.create_clone()
+    poolers = {mode: PgBouncer(server, mode=mode, os_user=server_os_user(None)) for mode in POOL_MODES}
+    try:
+        for pooler in poolers.values():
+            pooler.start()
+        dsns: dict[str, str] = {"direct": server.dsn(dbname)}
+        dsns |= {mode: pooler.dsn(dbname) for mode, pooler in poolers.items()}
+        async with contextlib.AsyncExitStack() as stack:
+            ways: dict[str, Callable[[int], Awaitable[None]]] = {}
+            direct_conn: psycopg.AsyncConnection[Any] | None = None
+            for path, dsn in dsns.items():
+                # Through a transaction pooler raw psycopg must not prepare: the next statement may
+                # run on another server connection (PgBouncer before 1.21 tracks no prepared
+                # statement). Session mode is set alike, so that the two modes differ in the mode only.
+                prepare = {} if path == "direct" else {"prepare_threshold": None}
+                conn = await stack.enter_async_context(
+                    await psycopg.AsyncConnection.connect(dsn, autocommit=True, **prepare)
+                )
+                manager = await stack.enter_async_context(
+                    SessionManager.connect(dsn, max_concurrent_sessions=10_000, cleanup_interval_secs=0)
+                )
+                if path == "direct":
+                    direct_conn = conn
+                    for number in range(100):
+                        await conn.execute("INSERT INTO public.sessions (session_id) VALUES (%s)", (f"raw-{number}",))
+                        await manager.ensure(f"m-{number}")
+                calls = single_calls(conn, manager)
+                ways |= {f"{path} {name}": calls[name] for name in POOLED_CALLS}
+            assert direct_conn is not None
+            # What the store does behind a transaction pooler, here on a direct connection.
+            unprepared = await stack.enter_async_context(
+                SessionManager.connect(
+                    dsns["direct"],
+                    store_options={"prepared_statements": False},
+                    max_concurrent_sessions=10_000,
+                    cleanup_interval_secs=0,
+                )
+            )
+            calls = single_calls(direct_conn, unprepared)
+            ways |= {f"unprepared {name}": calls[name] for name in ("update_activity", "get")}
+            rates = await per_call_rates(ways, blocks, calls=200)
+    finally:
+        for pooler in poolers.values():
+            pooler.stop()
+        databases.drop_template()
+
+    def rate(path: str, name: str) -> float:
+        return statistics.median(rates[f"{path} {name}"])
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return median_ratio(rates[numerator], rates[denominator])
+
+    figures = []
+    for path in dsns:
+        where = "direct" if path == "direct" else f"PgBouncer {path} mode"
+        figures += [Figure(f"{where}: {label}", rate(path, name), "/s") for name, label in POOLED_CALLS.items()]
+        figures += [
+            Figure(f"{where}: update_activity / raw upsert", ratio(f"{path} update_activity", f"{path} upsert"), "x"),
+            Figure(f"{where}: get / raw SELECT", ratio(f"{path} get", f"{path} raw_select"), "x"),
+        ]
+        if path != "direct":
+            figures += [
+                Figure(f"{where} / direct: {label}", ratio(f"{path} {name}", f"direct {name}"), "x")
+                for name, label in POOLED_CALLS.items()
+            ]
+    for name, label in POOLED_CALLS.items():
+        if name in ("update_activity", "get"):
+            figures += [
+                Figure(
+                    f'direct, never preparing ("prepared_statements": False): {label}', rate("unprepared", name), "/s"
+                ),
+                Figure(
+                    f"direct: {name}, never preparing / default (prepares)",
+                    ratio(f"unprepared {name}", f"direct {name}"),
+                    "x",
+                ),
+            ]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions; print, do not write RESULTS.md")
     parser.add_argument(
-        "--only", nargs="+", type=int, choices=range(1, 7), help="run only these sections; print, do not write"
+        "--only", nargs="+", type=int, choices=range(1, 8), help="run only these sections; print, do not write"
     )
     args = parser.parse_args()
-    chosen = set(args.only or range(1, 7))
+    chosen = set(args.only or range(1, 8))
     load_at_start = os.getloadavg()[0]  # other work on the machine: what absolute times suffered
     repeat = 5 if args.quick else 30
     disk = Path(tempfile.mkdtemp(prefix="exai-bench-", dir="/var/tmp"))
@@ -585,6 +705,7 @@ def main() -> None:
             "6. Replica start over a large table",
             lambda: asyncio.run(start_over_table_sizes(tmpfs_server, (1_000, 1_000_000), max(5, repeat // 2))),
         ),
+        7: ("7. Behind PgBouncer", lambda: asyncio.run(behind_pgbouncer(tmpfs_server, repeat))),
     }
     sections: list[tuple[str, list[Figure]]] = []
     try:
@@ -602,7 +723,7 @@ def main() -> None:
         f"cluster on tmpfs (/dev/shm) unless stated. Medians of {repeat} runs where repeated. "
         f"1-minute load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
     )
-    lines = [header, "", METHOD, ""]
+    lines = [header, "", METHOD.format(pgbouncer=pgbouncer_version()), ""]
     for title, figures in sections:
         lines += [f"### {title}", "", "| measure | value | target |", "|---|---|---|", *(f.line() for f in figures), ""]
     report = "\n".join(lines)
