@@ -1,8 +1,11 @@
 """The migration runner: applies ``sql/NNN_name.sql`` in order and records what it applied.
 
 Each file runs in its own transaction together with its record, so a failing file
-leaves the database as it was. Runs serialise on an advisory lock, so two processes
-migrating one database at once (xdist workers, app replicas) both succeed.
+leaves the database as it was. Each of those transactions takes a transaction-level
+advisory lock and reads the ledger again under it, so two processes migrating one database
+at once (xdist workers, app replicas) both succeed, each file applied by one of them. The
+runner keeps nothing in the session between its transactions (no session lock, no session
+setting, no prepared statement), so it also works through a pooler in transaction mode.
 """
 
 from __future__ import annotations
@@ -86,24 +89,30 @@ def latest_version(migrations: list[Migration] | None = None) -> int:
 
 
 def _ensure_ledger(conn: psycopg.Connection) -> None:
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(LEDGER_SCHEMA)))
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(LEDGER_SCHEMA)), prepare=False)
     conn.execute(
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} ("
             " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
-        ).format(sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE))
+        ).format(sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)),
+        prepare=False,
     )
 
 
 def _applied(conn: psycopg.Connection) -> dict[int, tuple[str, str, datetime]]:
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{LEDGER_SCHEMA}.{LEDGER_TABLE}",)).fetchone()
+    # prepare=False on every statement of the runner: behind a pooler in transaction mode the
+    # next transaction may run on a server connection that lacks psycopg's prepared statement.
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{LEDGER_SCHEMA}.{LEDGER_TABLE}",), prepare=False
+    ).fetchone()
     if not exists or not exists[0]:
         return {}
     rows = conn.execute(
         sql.SQL("SELECT version, name, checksum, applied_at FROM {}").format(
             sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)
-        )
+        ),
+        prepare=False,
     ).fetchall()
     return {version: (name, checksum, applied_at) for version, name, checksum, applied_at in rows}
 
@@ -131,7 +140,7 @@ def apply_migrations(
     """Apply every pending migration in order; return those applied (empty when up to date).
 
     ``as_of``: apply them as if it were that instant (an aware datetime), e.g. to create the
-    initial partitions around a test clock's month; the connection's clock is unset after.
+    initial partitions around a test clock's month; set in each file's transaction only.
     """
     migrations = migrations or load_migrations()
     if as_of is not None and (as_of.tzinfo is None or as_of.utcoffset() is None):
@@ -139,37 +148,51 @@ def apply_migrations(
     if not conn.autocommit:
         conn.rollback()
         conn.autocommit = True
-    conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
-    if as_of is not None:
-        # The session setting, not the table: the table is created by one of the migrations.
-        conn.execute("SELECT set_config(%s, %s, false)", (CLOCK_SETTING, as_of.isoformat()))
-    try:
-        with conn.transaction():
-            _ensure_ledger(conn)
-        applied = _applied(conn)
-        _check_unchanged(migrations, applied)
-        done: list[Migration] = []
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            _apply_one(conn, migration)
-            done.append(migration)
-        return done
-    finally:
-        if as_of is not None:
-            conn.execute("SELECT set_config(%s, '', false)", (CLOCK_SETTING,))
-        conn.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
-
-
-def _apply_one(conn: psycopg.Connection, migration: Migration) -> None:
     with conn.transaction():
+        _serialise(conn, None)
+        _ensure_ledger(conn)
+    # What is pending as seen now; each file is checked again under the lock before it runs.
+    pending = _pending(conn, migrations)
+    return [migration for migration in pending if _apply_one(conn, migration, migrations, as_of)]
+
+
+def _pending(conn: psycopg.Connection, migrations: list[Migration]) -> list[Migration]:
+    applied = _applied(conn)
+    _check_unchanged(migrations, applied)
+    return [migration for migration in migrations if migration.version not in applied]
+
+
+def _serialise(conn: psycopg.Connection, as_of: datetime | None) -> None:
+    """Begin one of the runner's transactions: the runners take turns, and the clock is set.
+
+    Locks, settings and snapshots of the transaction only: behind a pooler in transaction
+    mode the next transaction may run on another server connection. Read committed, so that
+    what the previous holder of the lock committed is seen by the statements after the lock.
+    """
+    conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", prepare=False)
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_LOCK_KEY,), prepare=False)
+    if as_of is not None:
+        # The setting, not the table of migration 008: that table may not exist yet.
+        conn.execute("SELECT set_config(%s, %s, true)", (CLOCK_SETTING, as_of.isoformat()), prepare=False)
+
+
+def _apply_one(
+    conn: psycopg.Connection, migration: Migration, migrations: list[Migration], as_of: datetime | None
+) -> bool:
+    """Apply ``migration`` unless another runner did while this one waited; True when this one did."""
+    with conn.transaction():
+        _serialise(conn, as_of)
+        if migration not in _pending(conn, migrations):
+            return False
         run_script(conn, migration.sql, migration.filename)
         conn.execute(
             sql.SQL("INSERT INTO {} (version, name, checksum) VALUES (%s, %s, %s)").format(
                 sql.Identifier(LEDGER_SCHEMA, LEDGER_TABLE)
             ),
             (migration.version, migration.name, migration.checksum),
+            prepare=False,
         )
+    return True
 
 
 def run_script(conn: psycopg.Connection[Any], script: str, filename: str) -> None:
@@ -186,7 +209,7 @@ def run_script(conn: psycopg.Connection[Any], script: str, filename: str) -> Non
                 "runs in a transaction of its own, committed after its last statement"
             )
         try:
-            conn.execute(statement.text.encode())  # bytes: sent as it is, no parameters
+            conn.execute(statement.text.encode(), prepare=False)  # bytes: sent as it is, no parameters
         except psycopg.Error as error:
             raise MigrationError(_explain(filename, statement, error)) from error
 

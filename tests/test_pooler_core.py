@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 from collections import Counter
 
 import psycopg
@@ -17,7 +19,14 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from pytest_exai_sessions import EventStore, PersistenceError, SessionManager, SessionStore
+from pytest_exai_sessions import (
+    EventStore,
+    PersistenceError,
+    SessionManager,
+    SessionStore,
+    cli,
+    load_migrations,
+)
 from pytest_exai_sessions.store import _fetch_query
 
 SESSIONS = [f"session-{n:02d}" for n in range(50)]
@@ -274,3 +283,80 @@ async def test_a_bad_prepared_statements_value_raises_before_connecting(value):
         await EventStore.open(nowhere, prepared_statements=value)
     with pytest.raises(TypeError, match=message):
         await SessionManager.open(nowhere, store_options={"prepared_statements": value})
+
+
+# The schema's objects, for "a second migrate changes nothing": relations, columns, indexes,
+# functions with their bodies, policies and triggers outside the system schemas.
+FINGERPRINT = """
+SELECT md5(string_agg(item, E'\\n' ORDER BY item)) FROM (
+    SELECT format('%s.%s %s', n.nspname, c.relname, c.relkind)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+    UNION ALL
+    SELECT format('%s.%s.%s %s', table_schema, table_name, column_name, data_type)
+      FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+    UNION ALL
+    SELECT indexdef FROM pg_indexes WHERE schemaname NOT IN ('pg_catalog', 'information_schema')
+    UNION ALL
+    SELECT format('%s.%s(%s) %s', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid), md5(p.prosrc))
+      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+    UNION ALL
+    SELECT format('%s.%s %s %s', schemaname, tablename, policyname, qual) FROM pg_policies
+    UNION ALL
+    SELECT format('%s %s', tgrelid::regclass, tgname) FROM pg_trigger WHERE NOT tgisinternal
+) AS objects(item)
+"""
+
+
+def schema_and_ledger(dsn: str) -> tuple[str, list[tuple[object, ...]]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        fingerprint = conn.execute(FINGERPRINT).fetchone()
+        ledger = conn.execute("SELECT * FROM exai_schema.applied_migrations ORDER BY version").fetchall()
+    assert fingerprint is not None
+    return fingerprint[0], ledger
+
+
+def test_migrate_through_transaction_mode_applies_everything_once_and_status_reads_it(
+    exai_pgbouncer, empty_dsn, capsys
+):
+    dsn = pooled(exai_pgbouncer("transaction"), empty_dsn)
+    files = [migration.filename for migration in load_migrations()]
+
+    assert cli.main(["status", "--dsn", dsn]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{name}: pending" for name in files]
+
+    assert cli.main(["migrate", "--dsn", dsn]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"applied {name}" for name in files]
+    before = schema_and_ledger(empty_dsn)
+    assert [row[:3] for row in before[1]] == [(m.version, m.name, m.checksum) for m in load_migrations()]
+
+    assert cli.main(["migrate", "--dsn", dsn]) == 0
+    assert capsys.readouterr().out == "nothing to apply: the schema is up to date\n"
+    assert schema_and_ledger(empty_dsn) == before
+
+    assert cli.main(["status", "--dsn", dsn]) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in status] == files
+    assert all(": applied " in line for line in status)
+    # Nothing of the runner's is left in force: no advisory lock, no clock setting.
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
+
+
+def test_two_migrate_runs_at_once_through_transaction_mode_both_succeed(exai_pgbouncer, empty_dsn):
+    """The old runner's session lock did not hold through the pooler: the second runner's
+    pg_advisory_lock could run on the server connection that held it (advisory locks are
+    reentrant), so both created the ledger's schema; an unlock on another server connection
+    left the lock held there, and the next run to land on one without it hung."""
+    dsn = pooled(exai_pgbouncer("transaction"), empty_dsn)
+    command = [sys.executable, "-m", "pytest_exai_sessions", "migrate", "--dsn", dsn]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    applied = [line for out, _ in outputs for line in out.splitlines() if line.startswith("applied ")]
+    # Each file applied by one of the two, in order within each run.
+    assert sorted(applied) == [f"applied {m.filename}" for m in load_migrations()]
+    _, ledger = schema_and_ledger(empty_dsn)
+    assert [row[:3] for row in ledger] == [(m.version, m.name, m.checksum) for m in load_migrations()]
