@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -505,6 +506,24 @@ def test_each_file_starts_from_a_fresh_session(empty_dsn: str, tmp_path: Path) -
     write(tmp_path, {"m/002_after.sql": "CREATE TABLE after_it (n bigint);\n"})
     with pytest.raises(MigrationError, match=r"m/002_after\.sql was changed after it was applied"):
         apply_app_migrations(empty_dsn, resolve(["m"], tmp_path))
+
+
+def test_every_step_runs_as_of_the_instant_given(empty_dsn: str, tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "m/001_first.sql": "CREATE TABLE seen AS SELECT 1 AS step, current_setting('unified.clock', true) AS t;\n",
+            "m/002_second.sql": "INSERT INTO seen SELECT 2, current_setting('unified.clock', true);\n",
+        },
+    )
+    as_of = datetime(2027, 3, 15, 12, tzinfo=UTC)
+    assert apply_app_migrations(empty_dsn, resolve(["m"], tmp_path), as_of=as_of) == [
+        "m/001_first.sql",
+        "m/002_second.sql",
+    ]
+    with psycopg.connect(empty_dsn) as conn:
+        seen = conn.execute("SELECT step, t::timestamptz FROM seen ORDER BY step").fetchall()
+    assert seen == [(1, as_of), (2, as_of)]
 
 
 def test_on_an_external_server_the_apps_templates_are_dropped_too(

@@ -233,9 +233,10 @@ def apply_app_migrations(dsn: str, steps: Sequence[AppMigration], *, as_of: date
             # Each step starts from a fresh session, as if it ran alone: one file's SET (a
             # search_path, a role) does not leak into the next.
             conn.execute("DISCARD ALL")
-            if as_of is not None:
-                conn.execute("SELECT set_config(%s, %s, false)", (CLOCK_SETTING, as_of.isoformat()))
             with conn.transaction():
+                if as_of is not None:
+                    # For this step's transaction only, as the unified schema's runner sets it.
+                    conn.execute("SELECT set_config(%s, %s, true)", (CLOCK_SETTING, as_of.isoformat()))
                 _run(conn, step)
                 conn.execute(
                     sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(_ledger()),
