@@ -12,7 +12,9 @@ import asyncio
 import logging
 import subprocess
 import sys
+import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -20,16 +22,25 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pytest_exai_sessions import (
+    DbClock,
+    Event,
     EventStore,
     PersistenceError,
     SessionManager,
     SessionStore,
     cli,
+    compat,
     load_migrations,
 )
 from pytest_exai_sessions.store import _fetch_query
 
 SESSIONS = [f"session-{n:02d}" for n in range(50)]
+
+
+@pytest.fixture
+def direct_dsn(exai_pg_server, exai_dsn: str) -> str:
+    """The test's database on a direct connection to the server, whatever exai_dsn goes through."""
+    return exai_pg_server.dsn(conninfo_to_dict(exai_dsn)["dbname"])
 
 
 def pooled(pooler, dsn: str) -> str:
@@ -57,12 +68,12 @@ async def requests_at_once(manager: SessionManager, acknowledged: Counter[str]) 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 async def test_calls_fail_while_the_pooler_is_down_and_the_app_recovers_after_its_restart(
-    exai_pgbouncer, exai_dsn, mode
+    exai_pgbouncer, direct_dsn, mode
 ):
     pooler = exai_pgbouncer(mode)
     acknowledged: Counter[str] = Counter()
     # A call waits a second for a connection, not five: the calls while it is down end sooner.
-    async with SessionManager.connect(pooled(pooler, exai_dsn), store_options={"timeout": 1}) as manager:
+    async with SessionManager.connect(pooled(pooler, direct_dsn), store_options={"timeout": 1}) as manager:
         for session_id in SESSIONS:
             await manager.ensure(session_id)
         for _ in range(3):
@@ -84,29 +95,29 @@ async def test_calls_fail_while_the_pooler_is_down_and_the_app_recovers_after_it
         served = {session_id: (await manager.get(session_id)).request_count for session_id in SESSIONS}
 
     assert acknowledged == dict.fromkeys(SESSIONS, 7)
-    assert served == request_counts(exai_dsn) == acknowledged
+    assert served == request_counts(direct_dsn) == acknowledged
 
 
 @pytest.mark.asyncio
-async def test_fifty_sessions_at_once_through_transaction_mode_with_default_options(exai_pgbouncer, exai_dsn):
+async def test_fifty_sessions_at_once_through_transaction_mode_with_default_options(exai_pgbouncer, direct_dsn):
     """The reproduction: psycopg prepared update_activity's statement on its 6th run and the
     next transaction ran on another server connection (DuplicatePreparedStatement,
     InvalidSqlStatementName)."""
     acknowledged: Counter[str] = Counter()
-    async with SessionManager.connect(pooled(exai_pgbouncer("transaction"), exai_dsn)) as manager:
+    async with SessionManager.connect(pooled(exai_pgbouncer("transaction"), direct_dsn)) as manager:
         for session_id in SESSIONS:
             await manager.ensure(session_id)
         for _ in range(10):
             assert await requests_at_once(manager, acknowledged) == []
-    assert request_counts(exai_dsn) == acknowledged == dict.fromkeys(SESSIONS, 10)
+    assert request_counts(direct_dsn) == acknowledged == dict.fromkeys(SESSIONS, 10)
 
 
 @pytest.mark.asyncio
 async def test_twenty_rounds_through_transaction_mode_survive_a_pooler_restart_and_a_new_manager(
-    exai_pgbouncer, exai_dsn
+    exai_pgbouncer, direct_dsn
 ):
     pooler = exai_pgbouncer("transaction")
-    dsn = pooled(pooler, exai_dsn)
+    dsn = pooled(pooler, direct_dsn)
     acknowledged: Counter[str] = Counter()
     manager = await SessionManager.open(dsn)
     try:
@@ -123,7 +134,7 @@ async def test_twenty_rounds_through_transaction_mode_survive_a_pooler_restart_a
         assert await requests_at_once(fresh, acknowledged) == []
 
     assert recovered == dict.fromkeys(SESSIONS, 20)
-    assert request_counts(exai_dsn) == acknowledged == dict.fromkeys(SESSIONS, 21)
+    assert request_counts(direct_dsn) == acknowledged == dict.fromkeys(SESSIONS, 21)
 
 
 def server_connections(dsn: str) -> int:
@@ -150,10 +161,10 @@ ONE_CONNECTION = {"min_size": 1, "max_size": 1}
 
 
 @pytest.mark.asyncio
-async def test_prepared_statements_true_through_transaction_mode_fails_as_psycopg_does(exai_pgbouncer, exai_dsn):
+async def test_prepared_statements_true_through_transaction_mode_fails_as_psycopg_does(exai_pgbouncer, direct_dsn):
     """``True`` is kept as asked, with no fallback: the second client's 6th run prepares
     ``_pg3_0`` on the one server connection, where the first client's ``_pg3_0`` already is."""
-    dsn = pooled(exai_pgbouncer("transaction"), exai_dsn)
+    dsn = pooled(exai_pgbouncer("transaction"), direct_dsn)
     async with (
         await SessionStore.open(dsn, prepared_statements=True, **ONE_CONNECTION) as first,
         await SessionStore.open(dsn, prepared_statements=True, **ONE_CONNECTION) as second,
@@ -168,12 +179,12 @@ async def test_prepared_statements_true_through_transaction_mode_fails_as_psycop
             await second.fetch("nobody")
         assert isinstance(failure.value.__cause__, psycopg.errors.DuplicatePreparedStatement)
         # What made it deterministic: both clients' statements ran on one server connection.
-        assert server_connections(exai_dsn) == 1
+        assert server_connections(direct_dsn) == 1
 
 
 @pytest.mark.asyncio
-async def test_the_automatic_option_prepares_nothing_through_transaction_mode(exai_pgbouncer, exai_dsn):
-    dsn = pooled(exai_pgbouncer("transaction"), exai_dsn)
+async def test_the_automatic_option_prepares_nothing_through_transaction_mode(exai_pgbouncer, direct_dsn):
+    dsn = pooled(exai_pgbouncer("transaction"), direct_dsn)
     async with (
         await SessionStore.open(dsn, **ONE_CONNECTION) as first,
         await SessionStore.open(dsn, **ONE_CONNECTION) as second,
@@ -181,13 +192,13 @@ async def test_the_automatic_option_prepares_nothing_through_transaction_mode(ex
         for _ in range(8):
             assert await first.fetch("nobody") is None
             assert await second.fetch("nobody") is None
-        assert server_connections(exai_dsn) == 1
+        assert server_connections(direct_dsn) == 1
         assert await prepared_statements(first) == []  # read on that one server connection
 
 
 @pytest.mark.asyncio
-async def test_the_automatic_option_prepares_on_a_direct_connection(exai_dsn):
-    async with await SessionStore.open(exai_dsn, **ONE_CONNECTION) as store:
+async def test_the_automatic_option_prepares_on_a_direct_connection(direct_dsn):
+    async with await SessionStore.open(direct_dsn, **ONE_CONNECTION) as store:
         for _ in range(6):
             assert await store.fetch("nobody") is None
         statements = await prepared_statements(store)
@@ -196,18 +207,18 @@ async def test_the_automatic_option_prepares_on_a_direct_connection(exai_dsn):
 
 
 @pytest.mark.asyncio
-async def test_prepared_statements_false_never_prepares_on_a_direct_connection(exai_dsn):
-    async with await SessionStore.open(exai_dsn, prepared_statements=False, **ONE_CONNECTION) as store:
+async def test_prepared_statements_false_never_prepares_on_a_direct_connection(direct_dsn):
+    async with await SessionStore.open(direct_dsn, prepared_statements=False, **ONE_CONNECTION) as store:
         for _ in range(20):
             assert await store.fetch("nobody") is None
         assert await prepared_statements(store) == []
 
 
 @pytest.mark.asyncio
-async def test_a_statement_name_taken_on_the_server_switches_preparing_off_and_runs_the_call_again(exai_dsn, caplog):
+async def test_a_statement_name_taken_on_the_server_switches_preparing_off_and_runs_the_call_again(direct_dsn, caplog):
     """What a pooler that passes the server's pid on looks like: the automatic option cannot
     tell it from a direct connection, and ``_pg3_0`` is already prepared on the backend."""
-    async with await SessionStore.open(exai_dsn, **ONE_CONNECTION) as store:
+    async with await SessionStore.open(direct_dsn, **ONE_CONNECTION) as store:
         async with store.database.connection("preparing a statement of another client") as conn:
             await conn.execute("PREPARE _pg3_0 AS SELECT 1", prepare=False)
             backend = conn.info.backend_pid
@@ -218,7 +229,7 @@ async def test_a_statement_name_taken_on_the_server_switches_preparing_off_and_r
         assert "prepared statements switched off after DuplicatePreparedStatement" in caplog.text
 
         # A connection opened after the switch does not prepare either.
-        with psycopg.connect(exai_dsn, autocommit=True) as admin:
+        with psycopg.connect(direct_dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend,))
         for _ in range(10):
             assert await store.fetch("nobody") is None
@@ -228,8 +239,8 @@ async def test_a_statement_name_taken_on_the_server_switches_preparing_off_and_r
 
 
 @pytest.mark.asyncio
-async def test_a_failed_prepared_statement_stops_every_connection_of_the_database_from_using_its_own(exai_dsn):
-    async with await SessionStore.open(exai_dsn, min_size=2, max_size=2) as store:
+async def test_a_failed_prepared_statement_stops_every_connection_of_the_database_from_using_its_own(direct_dsn):
+    async with await SessionStore.open(direct_dsn, min_size=2, max_size=2) as store:
         database = store.database
         async with database.connection("one") as first, database.connection("two") as second:
             for _ in range(6):  # prepared on the second connection's backend
@@ -252,8 +263,8 @@ EXECUTIONS = "SELECT name, generic_plans + custom_plans FROM pg_prepared_stateme
 
 
 @pytest.mark.asyncio
-async def test_inside_a_transaction_block_the_failed_statement_raises_and_writes_nothing(exai_dsn):
-    async with SessionManager.connect(exai_dsn, store_options=ONE_CONNECTION) as manager:
+async def test_inside_a_transaction_block_the_failed_statement_raises_and_writes_nothing(direct_dsn):
+    async with SessionManager.connect(direct_dsn, store_options=ONE_CONNECTION) as manager:
         await manager.ensure("merged")
         for number in range(6):  # merge_data's transaction; its statement prepared on the 6th
             await manager.merge_data("merged", {f"key{number}": number})
@@ -360,3 +371,95 @@ def test_two_migrate_runs_at_once_through_transaction_mode_both_succeed(exai_pgb
     assert sorted(applied) == [f"applied {m.filename}" for m in load_migrations()]
     _, ledger = schema_and_ledger(empty_dsn)
     assert [row[:3] for row in ledger] == [(m.version, m.name, m.checksum) for m in load_migrations()]
+
+
+# What else keeps no session state: the event store, the database clock, the RLS helpers, compat.
+
+T0 = datetime(2027, 3, 15, 12, tzinfo=UTC)
+
+
+@pytest.mark.asyncio
+async def test_the_event_store_and_the_database_clock_through_transaction_mode(exai_pgbouncer, direct_dsn):
+    dsn = pooled(exai_pgbouncer("transaction"), direct_dsn)
+    clock = DbClock(dsn)
+    clock.set(T0)  # unified.set_clock() through the pooler: clock_now()'s body, seen by every connection
+    async with await EventStore.open(dsn) as events:
+        recorded = await asyncio.gather(
+            *(
+                events.record(
+                    Event(event_type="checkout", event_category="shop", source_system="api", session_id=f"s{n}")
+                )
+                for n in range(50)
+            )
+        )
+        assert {event.event_timestamp for event in recorded} == {T0}  # the column default read the clock
+        for number in range(10):  # one query text, run more often than psycopg prepares after
+            assert [event.id for event in await events.query(session_id=f"s{number}")] == [recorded[number].id]
+        assert await events.get(recorded[0].id) == recorded[0]
+        await events.refresh_summaries()
+        assert len(await events.recent_events()) == 50
+        clock.advance(days=2)
+        await events.refresh_summaries()
+        assert await events.recent_events() == []  # the 24 hours before the moved clock
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT unified.clock_now()").fetchone() == (T0 + timedelta(days=2),)
+        assert conn.execute("SELECT count(*) FROM unified.event_metric_events").fetchone() == (50,)
+
+
+ALICE = str(uuid.uuid5(uuid.NAMESPACE_URL, "alice"))
+BOB = str(uuid.uuid5(uuid.NAMESPACE_URL, "bob"))
+
+
+@pytest.mark.asyncio
+async def test_acting_as_users_on_pooled_connections_through_transaction_mode(
+    exai_pgbouncer, direct_dsn, exai_as_user, exai_as_role
+):
+    """Two clients of the pooler take turns on its server connection. The acting blocks
+    prepare nothing (psycopg's default would, on a 6th run), and their role and claims end
+    with their transaction, so the server connection goes back to the pool as it came."""
+    dsn = pooled(exai_pgbouncer("transaction"), direct_dsn)
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        for owner in (ALICE, BOB):
+            conn.execute("INSERT INTO public.sessions (session_id, user_id) VALUES (%s, %s)", (f"of-{owner}", owner))
+        superuser = conn.execute("SELECT current_user").fetchone()
+    reads = "SELECT session_id, auth.uid()::text, current_user FROM public.sessions"
+    after = "SELECT current_user, coalesce(current_setting('request.jwt.claims', true), '')"
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as alice,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as bob,
+    ):
+        for _ in range(8):
+            for conn, owner in ((alice, ALICE), (bob, BOB)):
+                async with exai_as_user(conn, owner):
+                    rows = await (await conn.execute(reads, prepare=False)).fetchall()
+                    assert rows == [(f"of-{owner}", owner, "authenticated")]
+                assert await (await conn.execute(after, prepare=False)).fetchone() == (*superuser, "")
+        async with exai_as_role(alice, "anon"):
+            assert await (await alice.execute("SELECT count(*) FROM public.sessions", prepare=False)).fetchone() == (0,)
+        assert await (await bob.execute(after, prepare=False)).fetchone() == (*superuser, "")
+
+
+@pytest.mark.asyncio
+async def test_the_original_api_through_transaction_mode(exai_pgbouncer, direct_dsn):
+    dsn = pooled(exai_pgbouncer("transaction"), direct_dsn)
+    ids = [f"compat-{n:02d}" for n in range(20)]
+    manager = compat.SessionManager(dsn=dsn)
+    try:
+        sessions = [await manager.ensure(session_id) for session_id in ids]
+        for _ in range(8):
+            await asyncio.gather(*(manager.update_activity(session_id, 2) for session_id in ids))
+        assert [(s.request_count, s.total_duration_ms) for s in sessions] == [(8, 16)] * len(ids)
+        assert await manager.list_ids() == ids
+        await manager.remove(ids[0])
+        assert await manager.cleanup_stale_sessions() == 0
+        assert (await manager.get_session_metrics())["total_sessions"] == len(ids) - 1
+    finally:
+        await manager.aclose()
+
+    restarted = compat.SessionManager(dsn=dsn)
+    try:
+        assert await restarted.recover_all_sessions() == len(ids) - 1  # connected and recovered on first use: none new
+        assert (await restarted.get(ids[1])).request_count == 8
+    finally:
+        await restarted.aclose()
+    assert request_counts(direct_dsn) == dict.fromkeys(ids[1:], 8)

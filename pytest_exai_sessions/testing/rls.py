@@ -136,17 +136,22 @@ def _restore(previous: tuple[Any, ...]) -> list[Statement]:
     return [(set_role, ()), (sql.SQL("SELECT {}").format(configs), tuple(params))]
 
 
+# Every statement here with prepare=False: psycopg would prepare one on its 6th run on a
+# connection, and behind a pooler in transaction mode the next block may run on a server
+# connection that lacks it (or has another client's statement of that name).
+
+
 @contextmanager
 def _acting(conn: Connection, identity: Identity) -> Iterator[Connection]:
     nested = conn.info.transaction_status != TransactionStatus.IDLE
     with conn.transaction():
-        previous = conn.execute(_READ_PREVIOUS, _SETTINGS).fetchone() if nested else None
+        previous = conn.execute(_READ_PREVIOUS, _SETTINGS, prepare=False).fetchone() if nested else None
         for query, params in _switch(identity):
-            conn.execute(query, params)
+            conn.execute(query, params, prepare=False)
         yield conn
         if previous is not None:
             for query, params in _restore(previous):
-                conn.execute(query, params)
+                conn.execute(query, params, prepare=False)
 
 
 @asynccontextmanager
@@ -155,13 +160,13 @@ async def _acting_async(conn: AsyncConnection, identity: Identity) -> AsyncItera
     async with conn.transaction():
         previous = None
         if nested:
-            previous = await (await conn.execute(_READ_PREVIOUS, _SETTINGS)).fetchone()
+            previous = await (await conn.execute(_READ_PREVIOUS, _SETTINGS, prepare=False)).fetchone()
         for query, params in _switch(identity):
-            await conn.execute(query, params)
+            await conn.execute(query, params, prepare=False)
         yield conn
         if previous is not None:
             for query, params in _restore(previous):
-                await conn.execute(query, params)
+                await conn.execute(query, params, prepare=False)
 
 
 class ActingAs:
