@@ -118,9 +118,10 @@ class SessionManager:
     async def open(cls, dsn: str, *, store_options: Mapping[str, Any] | None = None, **options: Any) -> Self:
         """The one way to build a persistent manager on a DSN: open its store, start.
 
-        ``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts); ``options`` to
-        the constructor (of ``cls``, so a subclass builds itself). ``aclose()`` closes the
-        store too. Every fixture, the crash harness, its child processes and compat use it.
+        ``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts,
+        ``prepared_statements``); ``options`` to the constructor (of ``cls``, so a subclass
+        builds itself). ``aclose()`` closes the store too. Every fixture, the crash harness,
+        its child processes and compat use it.
         """
         store = await SessionStore.open(dsn, **(store_options or {}))
         try:

@@ -303,7 +303,8 @@ class SessionStore:
         """A store with a pool of its own (``Database.open``), ready when one connection works.
 
         ``timeout`` bounds how long a call waits for a connection, so an unreachable
-        database raises ``PersistenceError`` instead of hanging.
+        database raises ``PersistenceError`` instead of hanging. ``prepared_statements``:
+        None (default) prepares unless a pooler is in between, True always, False never.
         """
         return cls(await Database.open(conninfo, **pool_options))
 
