@@ -1,17 +1,23 @@
-"""The temporary PostgreSQL server: finding binaries, dropping privileges, the cluster."""
+"""The temporary PostgreSQL server: finding binaries, dropping privileges, the cluster; PgBouncer in front of it."""
 
 from .binaries import PostgresNotFound, find_bindir
 from .cluster import ServerStartError, TemporaryPostgres, default_basedir, server_os_user
 from .connection import ExternalPostgres, PostgresServer, make_dsn
+from .pooler import PgBouncer, PoolerNotFound, PoolerStartError, PoolMode, find_pgbouncer
 
 __all__ = [
     "ExternalPostgres",
+    "PgBouncer",
+    "PoolMode",
+    "PoolerNotFound",
+    "PoolerStartError",
     "PostgresNotFound",
     "PostgresServer",
     "ServerStartError",
     "TemporaryPostgres",
     "default_basedir",
     "find_bindir",
+    "find_pgbouncer",
     "make_dsn",
     "server_os_user",
 ]

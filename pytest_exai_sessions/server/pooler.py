@@ -23,7 +23,15 @@ from typing import Any, Literal, Self
 import psycopg
 
 from ..errors import ExaiSessionsError
-from .cluster import _TCP_PORT_RANGE, CLUSTER_PREFIX, OsUser, _die_with_parent, _lock_owner, default_basedir
+from .cluster import (
+    _TCP_PORT_RANGE,
+    CLUSTER_PREFIX,
+    OsUser,
+    _die_with_parent,
+    _lock_owner,
+    default_basedir,
+    sweep_stale_clusters,
+)
 from .connection import PostgresServer, make_dsn
 
 PoolMode = Literal["transaction", "session"]
@@ -31,9 +39,11 @@ POOL_MODES: tuple[PoolMode, ...] = ("transaction", "session")
 # Where Debian, Homebrew and source builds put the binary, when it is not on PATH (sbin often is not).
 _SEARCHED = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/opt/homebrew/bin", "/usr/bin")
 _UNIX_SOCKET_PORT = 6432  # PgBouncer's usual port; here it only names the socket file
+# Names the binary to use (a path, or a command on PATH) instead of searching for one.
+PGBOUNCER_ENV = "EXAI_SESSIONS_PGBOUNCER"
 INSTALL_HINT = (
     "install PgBouncer (Debian/Ubuntu: apt-get install pgbouncer; Fedora: dnf install pgbouncer; "
-    "macOS: brew install pgbouncer) or put its directory on PATH"
+    f"macOS: brew install pgbouncer) or put its directory on PATH, or name its binary in {PGBOUNCER_ENV}"
 )
 
 
@@ -46,11 +56,31 @@ class PoolerStartError(ExaiSessionsError):
 
 
 def find_pgbouncer() -> Path:
-    """The ``pgbouncer`` binary on PATH or in the usual system directories; ``PoolerNotFound`` when none."""
+    """The ``pgbouncer`` binary: the one ``$EXAI_SESSIONS_PGBOUNCER`` names (a path, or a command on PATH),
+    else the first on PATH or in the usual system directories; ``PoolerNotFound`` when there is none."""
+    chosen = os.environ.get(PGBOUNCER_ENV, "").strip()
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
+            raise PoolerNotFound(
+                f"no pgbouncer binary: {PGBOUNCER_ENV}={chosen!r} is neither an executable file nor a command "
+                f"on PATH; {INSTALL_HINT}"
+            )
+        return Path(found)
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path=os.pathsep.join(_SEARCHED))
     if found is None:
         raise PoolerNotFound(f"no pgbouncer binary on PATH nor in {', '.join(_SEARCHED)}: {INSTALL_HINT}")
     return Path(found)
+
+
+def pgbouncer_version(binary: Path) -> str:
+    """The version ``binary --version`` reports (``1.18.0``), or ``unknown``; starts no pooler."""
+    try:
+        output = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    first = output.splitlines()[0] if output.strip() else ""
+    return first.removeprefix("PgBouncer").strip() or "unknown"
 
 
 class PgBouncer:
@@ -121,6 +151,7 @@ class PgBouncer:
 
     def start(self) -> Self:
         """Write the configuration, start PgBouncer and wait until a query goes through it."""
+        sweep_stale_clusters(self.basedir)  # what crashed runs left here, also with no server of ours
         self.root = Path(tempfile.mkdtemp(prefix=f"{CLUSTER_PREFIX}pooler-", dir=self.basedir))
         try:
             self._lock_fd = _lock_owner(self.root)
@@ -154,12 +185,17 @@ class PgBouncer:
             f"listen_port = {self.port}",
             f"unix_socket_dir = {root}",
             "auth_type = trust",
+            # SHOW POOLS, SHOW CLIENTS ... in the console, database pgbouncer, as the server's user.
+            f"admin_users = {server.user}",
             f"auth_file = {root / 'users.txt'}",
+            # Any other role of the server too, looked up in pg_shadow as the server's user.
+            f"auth_user = {server.user}",
             f"logfile = {root / 'pgbouncer.log'}",
             f"pidfile = {root / 'pgbouncer.pid'}",
             # Many test databases, each a pool of its own; the server allows 200 connections.
             "max_client_conn = 1000",
-            "default_pool_size = 20",
+            # Session mode holds a server connection per client: enough for a test's many pools.
+            f"default_pool_size = {20 if self.mode == 'transaction' else 100}",
             "max_db_connections = 100",
             # After a server restart, retry its login soon rather than after the default 15 s.
             "server_login_retry = 0.5",
@@ -203,7 +239,15 @@ class PgBouncer:
             **options,
         )
 
-    def _wait_until_ready(self) -> None:
+    def wait_until_ready(self, dbname: str | None = None) -> None:
+        """Wait until a query on ``dbname`` (default: the maintenance database) goes through.
+
+        After a restart of the server, PgBouncer refuses each database's clients until its
+        next login to the server succeeds, retried every ``server_login_retry`` (0.5 s here).
+        """
+        self._wait_until_ready(dbname, starting=False)
+
+    def _wait_until_ready(self, dbname: str | None = None, *, starting: bool = True) -> None:
         assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
         while True:
@@ -212,14 +256,16 @@ class PgBouncer:
                     f"pgbouncer exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
                 )
             try:
-                with psycopg.connect(self.dsn(), connect_timeout=2) as conn:
+                with psycopg.connect(self.dsn(dbname), connect_timeout=2) as conn:
                     conn.execute("SELECT 1")
                     return
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as error:
                 if time.monotonic() > deadline:
-                    self.kill()
+                    if starting:
+                        self.kill()
                     raise PoolerStartError(
-                        f"pgbouncer did not pass a query on within {self.startup_timeout}s:\n{self.log_tail()}"
+                        f"pgbouncer did not pass a query on to database {dbname or self.server.dbname!r} within "
+                        f"{self.startup_timeout}s ({error}):\n{self.log_tail()}"
                     ) from None
                 time.sleep(0.01)
 
