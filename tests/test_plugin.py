@@ -36,6 +36,9 @@ FIXTURES = (
     "exai_databases",
     "exai_templates",
     "exai_dsn",
+    "exai_direct_dsn",
+    "exai_pooler",
+    "exai_pgbouncer",
     "exai_manager_options",
     "session_store",
     "session_manager",
@@ -64,6 +67,7 @@ FLAGS = (
     "--exai-clock",
     "--exai-migrations",
     "--exai-no-unified-schema",
+    "--exai-pooler",
 )
 # A DSN that fails at once if anything uses it: no server has a socket there.
 UNUSABLE_DSN = "host=/nonexistent/exai-socket-dir port=1 user=nobody dbname=nowhere"

@@ -15,6 +15,7 @@ import pytest
 
 from ..clock import parse_instant
 from ..db import DSN_ENV
+from ..server.pooler import POOL_MODES, PoolMode
 from ..testing.app_migrations import check_entry
 
 
@@ -125,6 +126,15 @@ OPTIONS = (
         env="EXAI_SESSIONS_CLOCK",
         shown_default="none: the real time",
     ),
+    Option(
+        "exai_pooler",
+        # No flag names in the text: older argparse wraps at their hyphens.
+        "put a throwaway PgBouncer in this pool mode, transaction (as Supabase's pooler) or session, in front "
+        "of the run's server: every test database, manager and store connects through it, while template "
+        "builds, clones and drops stay direct; none or off for no pooler",
+        env="EXAI_SESSIONS_POOLER",
+        shown_default="off: tests connect to the server directly",
+    ),
 )
 
 
@@ -143,6 +153,7 @@ class ExaiConfig:
     clock: datetime | None = None
     migrations: tuple[str, ...] = ()  # as given; relative paths resolve against rootdir
     unified_schema: bool = True
+    pooler: PoolMode | None = None  # PgBouncer's pool mode in front of the server; None: no pooler
     rootdir: Path = field(default_factory=Path.cwd)
 
 
@@ -210,6 +221,7 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
         clock=_instant("--exai-clock", raw["exai_clock"]),
         migrations=_migrations(raw["exai_migrations"], config.rootpath),
         unified_schema=_flag("EXAI_SESSIONS_UNIFIED_SCHEMA", raw["exai_unified_schema"]),
+        pooler=_pool_mode(raw["exai_pooler"]),
         rootdir=config.rootpath,
     )
 
@@ -224,6 +236,19 @@ def _migrations(value: Any, rootdir: Path) -> tuple[str, ...]:
         except ValueError as error:
             raise pytest.UsageError(f"--exai-migrations {error}") from None
     return cleaned
+
+
+_NO_POOLER = ("", "none", "off")
+
+
+def _pool_mode(value: Any) -> PoolMode | None:
+    text = str(value or "").strip().lower()
+    if text in _NO_POOLER:
+        return None
+    for mode in POOL_MODES:
+        if text == mode:
+            return mode
+    raise pytest.UsageError(f"--exai-pooler expects {', '.join(POOL_MODES)}, or none/off for no pooler, got {value!r}")
 
 
 def _instant(name: str, value: Any) -> datetime | None:

@@ -13,6 +13,7 @@ a conftest makes more under other names with one line each::
 
 A fixture is named after the variable it is assigned to. Arguments that name fixtures
 (``dsn``, ``clock``, ``databases``) are looked up when a test asks for the new fixture.
+With ``--exai-pooler`` every database fixture's DSN goes through the run's PgBouncer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest_asyncio
 
 from ..errors import SchemaMissing
 from ..manager import SessionManager
+from ..server.pooler import PgBouncer
 from ..testing.app_migrations import Entry
 from ..testing.databases import TestDatabases
 from ..testing.db_clock import DbClock
@@ -83,17 +85,28 @@ def database(
 
 
 def _clone_fixture(source: str, databases_of: Callable[[dict[str, Any]], TestDatabases], *more: str) -> Any:
-    @_requesting(source, *more)
+    @_requesting(source, "exai_pooler", *more)
     def fixture(**fixtures: Any) -> Iterator[str]:
         """DSN of a fresh database cloned from its template for this test, dropped afterwards."""
         databases = databases_of(fixtures)
         dbname = databases.create_clone()
         try:
-            yield databases.server.dsn(dbname)
+            yield dsn_of(databases, fixtures["exai_pooler"], dbname)
         finally:
             databases.release(dbname)
 
     return pytest.fixture(fixture)
+
+
+def dsn_of(databases: TestDatabases, pooler: PgBouncer | None, dbname: str) -> str:
+    """What a test connects to: through the run's pooler when there is one in front of this server.
+
+    The clone itself is made and dropped directly (``databases``): a pooler's idle server
+    connection to the template would block ``CREATE DATABASE ... TEMPLATE``.
+    """
+    if pooler is not None and pooler.server is databases.server:
+        return pooler.dsn(dbname)
+    return databases.server.dsn(dbname)
 
 
 def db_clock(*, dsn: str = "exai_dsn") -> Any:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import psycopg
 import pytest
 import pytest_asyncio
+from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import MigrationError, SchemaMissing
 from ..events import EventStore
 from ..manager import SessionManager
-from ..server import PostgresServer, server_os_user
-from ..server.pooler import PgBouncer, PoolerNotFound, PoolMode, find_pgbouncer
+from ..server import PostgresServer, ServerStartError, TemporaryPostgres, server_os_user
+from ..server.pooler import PgBouncer, PoolerNotFound, PoolerStartError, PoolMode, find_pgbouncer
 from ..store import SessionStore
 from ..testing.crash import CrashHarness
 from ..testing.databases import TestDatabases
@@ -90,27 +93,58 @@ def _exai_template_before_any_test(request: pytest.FixtureRequest) -> None:
         # Otherwise the server is unavailable: each test that needs it fails with the reason.
 
 
+def _start_pooler(server: PostgresServer, exai: ExaiConfig, mode: PoolMode, binary: Path) -> PgBouncer:
+    """PgBouncer in ``mode`` in front of ``server``, as the server's OS user (PgBouncer refuses root too)."""
+    if isinstance(server, TemporaryPostgres):
+        os_user = server.os_user
+    else:
+        os_user = server_os_user(exai.pg_os_user) if os.geteuid() == 0 else None
+    return PgBouncer(
+        server, mode=mode, binary=binary, os_user=os_user, basedir=exai.pg_basedir, listen_tcp=exai.pg_tcp
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def exai_pooler(exai_config: ExaiConfig, request: pytest.FixtureRequest) -> Iterator[PgBouncer | None]:
+    """With --exai-pooler: the run's PgBouncer (mode, dsn(dbname), pid) that every test DSN goes through; else None."""
+    if exai_config.pooler is None:
+        yield None  # the server is not even started for this
+        return
+    server: PostgresServer = request.getfixturevalue("exai_pg_server")
+    failure: str | None = None
+    try:
+        pooler = _start_pooler(server, exai_config, exai_config.pooler, find_pgbouncer())
+    except (PoolerNotFound, PoolerStartError, ServerStartError) as error:
+        failure = f"--exai-pooler={exai_config.pooler}: {type(error).__name__}: {error}"
+    if failure is not None:
+        _fail(failure)  # outside the except block: the reason, not a chain of tracebacks
+    try:
+        yield pooler
+    finally:
+        pooler.stop()
+
+
 @pytest.fixture(scope="session")
 def exai_pgbouncer(
-    exai_pg_server: PostgresServer, exai_config: ExaiConfig
+    exai_pg_server: PostgresServer, exai_config: ExaiConfig, exai_pooler: PgBouncer | None
 ) -> Iterator[Callable[[PoolMode], PgBouncer]]:
     """``exai_pgbouncer("transaction" | "session")``: a real PgBouncer in that mode in front of the run's server.
 
-    Started at the first call for a mode, shared by the run's tests, stopped at the end.
-    Without a ``pgbouncer`` binary the test skips, saying how to install one.
+    The run's own (``exai_pooler``) when --exai-pooler names that mode; else started at the
+    first call for a mode, shared by the run's tests, stopped at the end. Without a
+    ``pgbouncer`` binary the test skips, saying how to install one.
     """
     started: dict[str, PgBouncer] = {}
 
     def start(mode: PoolMode) -> PgBouncer:
+        if exai_pooler is not None and exai_pooler.mode == mode:
+            return exai_pooler
         if mode not in started:
             try:
                 binary = find_pgbouncer()
             except PoolerNotFound as error:
                 _skip(str(error))
-            os_user = None if exai_pg_server.external else server_os_user(exai_config.pg_os_user)
-            started[mode] = PgBouncer(
-                exai_pg_server, mode=mode, binary=binary, os_user=os_user, basedir=exai_config.pg_basedir
-            ).start()
+            started[mode] = _start_pooler(exai_pg_server, exai_config, mode, binary)
         return started[mode]
 
     try:
@@ -121,6 +155,12 @@ def exai_pgbouncer(
 
 
 exai_dsn = factories.database()
+
+
+@pytest.fixture
+def exai_direct_dsn(exai_dsn: str, exai_pg_server: PostgresServer) -> str:
+    """DSN of this test's exai_dsn database straight to the server, past any pooler (LISTEN, advisory locks, admin)."""
+    return exai_pg_server.dsn(str(conninfo_to_dict(exai_dsn)["dbname"]))
 
 
 @pytest.fixture
@@ -225,14 +265,25 @@ def _skip(reason: str) -> NoReturn:
 
 @pytest_asyncio.fixture
 async def crash_harness(
-    exai_dsn: str, exai_pg_server: PostgresServer, exai_db_clock: DbClock
+    exai_dsn: str,
+    exai_direct_dsn: str,
+    exai_pg_server: PostgresServer,
+    exai_pooler: PgBouncer | None,
+    exai_db_clock: DbClock,
 ) -> AsyncIterator[CrashHarness]:
-    """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database()."""
+    """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database(), restart_pooler()."""
     async with await SessionStore.open(exai_dsn) as store:
         missing = await _sessions_table_missing(store)
     if missing is not None:
         _fail(factories.no_sessions_table("crash_harness", missing))
-    harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip, clock=exai_db_clock)
+    harness = CrashHarness(
+        exai_dsn,
+        exai_pg_server,
+        unsupported=_skip,
+        clock=exai_db_clock,
+        pooler=exai_pooler,
+        direct_dsn=exai_direct_dsn,
+    )
     try:
         yield harness
     finally:
@@ -268,21 +319,27 @@ def exai_as_service_role() -> Callable[..., ActingAs]:
 
 
 @pytest.fixture(scope="session")
-def exai_shared_dsn(exai_databases: TestDatabases) -> Iterator[str]:
+def exai_shared_dsn(exai_databases: TestDatabases, exai_pooler: PgBouncer | None) -> Iterator[str]:
     """DSN of one database with the schema shared by every test of the run (for exai_rollback_conn)."""
     dbname = exai_databases.create_clone()
     try:
-        yield exai_databases.server.dsn(dbname)
+        yield factories.dsn_of(exai_databases, exai_pooler, dbname)
     finally:
         exai_databases.drop(dbname)
 
 
 @pytest_asyncio.fixture
-async def exai_rollback_conn(exai_shared_dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+async def exai_rollback_conn(
+    exai_shared_dsn: str, exai_pooler: PgBouncer | None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """A connection inside a transaction rolled back after the test: no clone, no commit, one connection."""
     # Opt-in speed for tests that only read and write through this one connection: what they
     # write is never committed, so no other connection (no manager, no pool) can see it.
-    async with await psycopg.AsyncConnection.connect(exai_shared_dsn) as conn:
+    # Behind a transaction pooler no statement is prepared: the server connection the
+    # statement would be prepared on is someone else's once this transaction ends.
+    behind_transaction_pooler = exai_pooler is not None and exai_pooler.mode == "transaction"
+    prepare_threshold = None if behind_transaction_pooler else 5  # 5: psycopg's default
+    async with await psycopg.AsyncConnection.connect(exai_shared_dsn, prepare_threshold=prepare_threshold) as conn:
         try:
             yield conn  # psycopg has opened a transaction with the first statement
         finally:

@@ -15,9 +15,10 @@ from ..manager import SessionManager
 from ..models import Session
 from ..server import default_basedir, find_bindir, server_os_user
 from ..server.cluster import sweep_stale_clusters, temporary_server_supported
+from ..server.pooler import find_pgbouncer
 from ..testing.recovery import compare_snapshots
 from .config import ExaiConfig, add_options, read_config
-from .servers import describe_setup
+from .servers import describe_pooler, describe_setup
 from .templates import DECLARED
 
 MARKER = "exai_sessions"
@@ -52,6 +53,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def _validate(exai: ExaiConfig) -> None:
     """Check what can be checked without starting or connecting to anything."""
     try:
+        if exai.pooler is not None:
+            if not temporary_server_supported():
+                raise pytest.UsageError("--exai-pooler needs a POSIX system (PgBouncer runs as this run's child)")
+            find_pgbouncer()  # asked for and missing: the run's one report of it, before any test
         if exai.dsn:
             try:
                 conninfo_to_dict(exai.dsn)
@@ -80,24 +85,26 @@ def config_of(config: pytest.Config) -> ExaiConfig:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """One line on the server the tests will get; starts and connects to nothing."""
+    """A line on the server the tests will get, and one on the pooler in front of it; starts and connects to nothing."""
     try:
-        return [describe_setup(config_of(config))]
+        exai = config_of(config)
+        return [line for line in (describe_setup(exai), describe_pooler(exai)) if line is not None]
     except pytest.UsageError:
         return []
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """In the main process (the xdist controller too): remove clusters whose process died.
+    """In the main process (the xdist controller too): remove clusters and poolers whose process died.
 
-    Covers an xdist worker killed mid-run: its postmaster died with it, its directory stays
-    until here. Only directories whose owner is gone are removed; see sweep_stale_clusters.
+    Covers an xdist worker killed mid-run: its postmaster and PgBouncer died with it, their
+    directories stay until here. Only directories whose owner is gone are removed; see
+    sweep_stale_clusters. With --exai-dsn there are none of ours, unless a pooler ran.
     """
     if hasattr(session.config, "workerinput"):
         return
     exai = session.config.stash.get(_CONFIG_KEY, None)
-    if exai is None or exai.dsn:
+    if exai is None or (exai.dsn and exai.pooler is None):
         return
     basedir = exai.pg_basedir or default_basedir()
     sweep_stale_clusters(basedir)

@@ -28,6 +28,7 @@ from ..server import (
 from ..server.binaries import is_embedded, server_version
 from ..server.cache import ClusterCache, cached_template_name
 from ..server.cluster import is_tmpfs, temporary_server_supported
+from ..server.pooler import PoolerNotFound, find_pgbouncer, pgbouncer_version
 from ..testing.databases import TestDatabases
 from ..testing.template_schema import ResolvedSchema
 from .config import ExaiConfig
@@ -121,6 +122,21 @@ def describe_setup(exai: ExaiConfig) -> str:
     return (
         f"exai-sessions: PostgreSQL {server_version(bindir)} ({source}, {bindir}), temporary server in "
         f"{basedir} ({disk}) as OS user {user}, {schema}"
+    )
+
+
+def describe_pooler(exai: ExaiConfig) -> str | None:
+    """The line on the pooler in front of the server, None without one; starts nothing."""
+    if exai.pooler is None:
+        return None
+    try:
+        binary = find_pgbouncer()
+    except PoolerNotFound:
+        return f"exai-sessions: --exai-pooler={exai.pooler}, but no pgbouncer binary (the run fails)"
+    where = "127.0.0.1" if exai.pg_tcp else "a private socket"
+    return (
+        f"exai-sessions: tests connect through PgBouncer {pgbouncer_version(binary)} ({binary}) in {exai.pooler} "
+        f"pool mode on {where} (--exai-pooler); templates, clones and drops connect directly"
     )
 
 

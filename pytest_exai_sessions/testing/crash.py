@@ -20,6 +20,7 @@ from ..errors import ExaiSessionsError
 from ..manager import SessionManager
 from ..server.cluster import TemporaryPostgres
 from ..server.connection import PostgresServer
+from ..server.pooler import PgBouncer
 from ..store import SessionStore
 from .backends import terminate_backends
 from .history import HistoryBook, HistoryReport
@@ -46,10 +47,13 @@ def _refuse(reason: str) -> NoReturn:
 class CrashHarness:
     """Builds managers on one database and crashes them; closes what it built on ``aclose()``.
 
-    With ``server`` (a TemporaryPostgres) it can also crash the database itself.
-    ``unsupported`` is called with a reason when a database crash is asked of a server it
-    cannot restart (the pytest fixture passes ``pytest.skip``). ``clock``: the clock of the
+    With ``server`` (a TemporaryPostgres) it can also crash the database itself, and with
+    ``pooler`` (the PgBouncer that ``dsn`` goes through) the pooler. ``unsupported`` is called
+    with a reason when a crash is asked of a server it cannot restart or of a pooler it does
+    not have (the pytest fixture passes ``pytest.skip``). ``clock``: the clock of the
     managers it builds unless their options name one (the fixtures pass the test's clock).
+    ``direct_dsn``: the same database past the pooler, for what must not go through it
+    (ending backends); default ``dsn``.
     """
 
     def __init__(
@@ -59,9 +63,13 @@ class CrashHarness:
         *,
         unsupported: Callable[[str], NoReturn] = _refuse,
         clock: Clock = SYSTEM_CLOCK,
+        pooler: PgBouncer | None = None,
+        direct_dsn: str | None = None,
     ) -> None:
         self.dsn = dsn
+        self.direct_dsn = direct_dsn or dsn
         self.server = server
+        self.pooler = pooler
         self.clock = clock
         self._unsupported = unsupported
         self._managers: list[SessionManager] = []
@@ -88,14 +96,23 @@ class CrashHarness:
         return self._keep(restarted)
 
     async def abandon(self, manager: SessionManager) -> None:
-        """Drop the manager's connections from the server side, as the death of its process would."""
+        """Drop the manager's connections from the server side, as the death of its process would.
+
+        Behind a transaction pooler only the backends working for it at this moment (in a
+        statement or a transaction) are its own: an idle server connection there belongs to
+        the pool, and still bears the name of the last client it served, maybe this one.
+        Those are left alone, or another replica would lose the connection it is handed next.
+        """
         if isinstance(manager.store, SessionStore):
             await asyncio.to_thread(self._terminate_backends, manager.store.application_name)
         await manager.abandon()
 
     def _terminate_backends(self, application_name: str) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as admin:
-            terminate_backends(admin, application_name=application_name)
+        with psycopg.connect(self.direct_dsn, autocommit=True) as admin:
+            if self.pooler is not None and self.pooler.mode == "transaction":
+                _terminate_busy_backends(admin, application_name)
+            else:
+                terminate_backends(admin, application_name=application_name)
 
     # a child process
 
@@ -343,17 +360,52 @@ class CrashHarness:
         """Start the postmaster again on the same data directory and port; return the seconds it took.
 
         Blocks the event loop for that time on purpose: the postmaster must be started from
-        the main thread, since it is set to die with the thread that started it.
+        the main thread, since it is set to die with the thread that started it. A pooler
+        stays up and connects to the server again; this returns once a query on the
+        harness's database goes through it (after a failed login PgBouncer refuses clients
+        until its next try, every ``server_login_retry``: 0.5 s).
         """
         server = self._own_server()
         started = time.monotonic()
         server.restart()
+        if self.pooler is not None and self.pooler.pid is not None:  # unless kill_pooler() left it down
+            self.pooler.wait_until_ready(_dbname(self.dsn))
         return time.monotonic() - started
 
     def crash_database(self, mode: Literal["kill", "immediate"] = "kill") -> float:
         """Kill the database and start it again at once; return the seconds until it accepts connections."""
         self.kill_database(mode)
         return self.restart_database()
+
+    # the pooler
+
+    def _own_pooler(self) -> PgBouncer:
+        if self.pooler is None:
+            self._unsupported(
+                "pooler crash helpers need a pooler in the run: --exai-pooler=transaction or session "
+                "(ini exai_pooler, env EXAI_SESSIONS_POOLER)"
+            )
+        return self.pooler
+
+    def kill_pooler(self) -> None:
+        """SIGKILL PgBouncer and leave it down: every client connection through it drops at once.
+
+        The server keeps running; its backends of the pooler end as they see it gone. Until
+        ``restart_pooler()`` every database call of a manager raises PersistenceError.
+        """
+        self._own_pooler().kill()
+
+    def restart_pooler(self) -> float:
+        """SIGKILL PgBouncer (if it runs) and start it again on the same socket or port; return the seconds it took.
+
+        Clients lose their connections, as when production's pooler restarts; a manager's
+        next call connects again. Blocks the event loop, as ``restart_database`` does and
+        for the same reason.
+        """
+        pooler = self._own_pooler()
+        started = time.monotonic()
+        pooler.restart()
+        return time.monotonic() - started
 
     # comparing
 
@@ -369,6 +421,23 @@ class CrashHarness:
         managers, self._managers = self._managers, []
         for manager in managers:
             await manager.aclose()
+
+
+def _terminate_busy_backends(conn: psycopg.Connection[Any], application_name: str, timeout: float = 5.0) -> None:
+    """End the backends of ``application_name`` that are in a statement or a transaction; wait until they are gone."""
+    query = (
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = %s AND state <> 'idle' AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + timeout
+    while conn.execute(query, (application_name,)).fetchone() is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the busy backends of {application_name!r} did not exit within {timeout:g}s")
+        time.sleep(0.001)
+
+
+def _dbname(dsn: str) -> str:
+    return str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
 
 
 async def _start_workload_child(spec: dict[str, Any], output: Any, *, stdin: int) -> asyncio.subprocess.Process:
