@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ExaiSessionsError
 from .cluster import (
@@ -45,6 +46,21 @@ INSTALL_HINT = (
     "install PgBouncer (Debian/Ubuntu: apt-get install pgbouncer; Fedora: dnf install pgbouncer; "
     f"macOS: brew install pgbouncer) or put its directory on PATH, or name its binary in {PGBOUNCER_ENV}"
 )
+
+
+# The poolers this process runs, by where clients reach them: a crash helper given only a DSN
+# finds the pooler behind it (and the server past it) here.
+_RUNNING: dict[tuple[str, int], PgBouncer] = {}
+
+
+def pooler_at(dsn: str) -> PgBouncer | None:
+    """The running PgBouncer of this process that ``dsn`` connects to, or None (a direct DSN, another pooler)."""
+    params = conninfo_to_dict(dsn)
+    try:
+        where = (str(params.get("host") or ""), int(params.get("port") or 5432))
+    except ValueError:
+        return None
+    return _RUNNING.get(where)
 
 
 class PoolerNotFound(ExaiSessionsError):
@@ -162,6 +178,7 @@ class PgBouncer:
         except BaseException:
             self.stop()
             raise
+        _RUNNING[(self.host, self.port)] = self
         return self
 
     def _write_auth_file(self) -> None:
@@ -293,6 +310,8 @@ class PgBouncer:
         finally:
             self._process = None
             if self.root is not None:
+                if _RUNNING.get((self.host, self.port)) is self:
+                    del _RUNNING[(self.host, self.port)]
                 shutil.rmtree(self.root, ignore_errors=True)
                 self.root = None
             if self._lock_fd is not None:

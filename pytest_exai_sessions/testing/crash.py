@@ -20,7 +20,7 @@ from ..errors import ExaiSessionsError
 from ..manager import SessionManager
 from ..server.cluster import TemporaryPostgres
 from ..server.connection import PostgresServer
-from ..server.pooler import PgBouncer
+from ..server.pooler import PgBouncer, pooler_at
 from ..store import SessionStore
 from .backends import terminate_backends
 from .history import HistoryBook, HistoryReport
@@ -53,7 +53,10 @@ class CrashHarness:
     not have (the pytest fixture passes ``pytest.skip``). ``clock``: the clock of the
     managers it builds unless their options name one (the fixtures pass the test's clock).
     ``direct_dsn``: the same database past the pooler, for what must not go through it
-    (ending backends); default ``dsn``.
+    (ending backends). Without them, a PgBouncer of this process that ``dsn`` connects to
+    (``--exai-pooler``'s, found by its socket or port) is taken, with its server's DSN of
+    the database as the direct one; so a harness built from just a DSN, as the stateful
+    machine builds its own, knows the pooler too.
     """
 
     def __init__(
@@ -67,9 +70,11 @@ class CrashHarness:
         direct_dsn: str | None = None,
     ) -> None:
         self.dsn = dsn
+        self.pooler = pooler if pooler is not None else pooler_at(dsn)
+        if direct_dsn is None and self.pooler is not None:
+            direct_dsn = self.pooler.server.dsn(_dbname(dsn))
         self.direct_dsn = direct_dsn or dsn
         self.server = server
-        self.pooler = pooler
         self.clock = clock
         self._unsupported = unsupported
         self._managers: list[SessionManager] = []
