@@ -6,32 +6,26 @@ report, PgBouncer's admin console, and the machine's processes and directories a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from pg_leftovers import Proc, processes, wait_until_gone
-from psycopg.conninfo import conninfo_to_dict
 
-from pytest_exai_sessions.errors import PersistenceError
 from pytest_exai_sessions.plugin.config import OPTIONS, ExaiConfig
 from pytest_exai_sessions.server import PostgresServer
 from pytest_exai_sessions.server.pooler import (
     PGBOUNCER_ENV,
-    PgBouncer,
     PoolerNotFound,
     PoolMode,
     find_pgbouncer,
     pgbouncer_version,
 )
-from pytest_exai_sessions.store import SessionStore
 
 INI = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
 
@@ -136,40 +130,6 @@ def assert_nothing_left(basedir: Path, *reported: dict[str, Any]) -> None:
     assert not wait_until_gone(started), "PgBouncer or PostgreSQL outlived the run"
     assert not pgbouncers_in(basedir)
     assert list(basedir.iterdir()) == [], "the run left directories behind"
-
-
-@pytest.fixture
-def xfail_unless_the_store_works_behind(exai_pgbouncer: Any, exai_direct_dsn: str) -> Callable[[PoolMode], None]:
-    """Behind a transaction pooler, statements the store prepares meet other clients' on shared server connections.
-
-    Whether the store copes is the core's business (db.py). Until it does, the tests that need
-    it through a transaction pooler report as expected failures; they pass by themselves once it does.
-    """
-    dbname = str(conninfo_to_dict(exai_direct_dsn)["dbname"])
-
-    async def alternate(pooler: PgBouncer) -> str | None:
-        stores = [await SessionStore.open(pooler.dsn(dbname), min_size=1, max_size=1) for _ in range(2)]
-        try:
-            for _ in range(12):  # psycopg prepares a statement at its sixth run on a connection
-                for store in stores:
-                    await store.fetch("probe")
-        except PersistenceError as error:
-            if "prepared statement" not in str(error):
-                raise
-            return str(error)
-        finally:
-            for store in stores:
-                await store.close()
-        return None
-
-    def check(mode: PoolMode) -> None:
-        if mode != "transaction":
-            return
-        failure = asyncio.run(alternate(exai_pgbouncer(mode)))
-        if failure is not None:
-            pytest.xfail(f"the store does not work behind a transaction pooler yet: {failure}")
-
-    return check
 
 
 # the option
@@ -544,9 +504,7 @@ def test_managers_replicas_children_and_crashes_work_through_the_pooler(
     pytester: pytest.Pytester,
     basedir: Path,
     mode: PoolMode,
-    xfail_unless_the_store_works_behind: Callable[[PoolMode], None],
 ) -> None:
-    xfail_unless_the_store_works_behind(mode)
     pytester.makeini(INI)
     pytester.makepyfile(CRASH_TESTS)
     result = pytester.runpytest_subprocess(f"--exai-pooler={mode}", f"--exai-pg-basedir={basedir}")
