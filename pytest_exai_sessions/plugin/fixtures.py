@@ -12,16 +12,17 @@ import pytest
 import pytest_asyncio
 from psycopg.conninfo import conninfo_to_dict
 
-from ..errors import MigrationError, SchemaMissing
+from ..errors import ExaiSessionsError, MigrationError, SchemaMissing
 from ..events import EventStore
 from ..manager import SessionManager
-from ..server import PostgresServer, ServerStartError, TemporaryPostgres, server_os_user
+from ..server import PostgresServer, ServerStartError, TemporaryPostgres, find_bindir, server_os_user
 from ..server.pooler import PgBouncer, PoolerNotFound, PoolerStartError, PoolMode, find_pgbouncer
 from ..store import SessionStore
 from ..testing.crash import CrashHarness
 from ..testing.databases import TestDatabases
 from ..testing.db_clock import DbClock
 from ..testing.rls import ActingAs, as_role, as_service_role, as_user
+from ..testing.supabase import SupabaseLikeServer
 from . import factories
 from .config import ExaiConfig
 from .hooks import MANAGER_OPTIONS, MARKER, config_of
@@ -344,3 +345,31 @@ async def exai_rollback_conn(
             yield conn  # psycopg has opened a transaction with the first statement
         finally:
             await conn.rollback()
+
+
+@pytest.fixture(scope="session")
+def exai_supabase(exai_config: ExaiConfig) -> Iterator[SupabaseLikeServer]:
+    """A server of its own that looks like Supabase's (demoted postgres, API roles, auth); skips without one.
+
+    ``exai_supabase.dsn(dbname)`` connects as ``postgres``, ``exai_supabase.admin_dsn(dbname)`` as
+    ``supabase_admin``; ``with exai_supabase.database() as dbname:`` a new database, dropped after.
+    Not the run's server: its roles are cluster-wide, and demoting postgres there would break other tests.
+    """
+    failure: str | None = None
+    try:
+        supabase = SupabaseLikeServer(
+            find_bindir(exai_config.pg_bin),
+            basedir=exai_config.pg_basedir,
+            os_user=server_os_user(exai_config.pg_os_user),
+            listen_tcp=exai_config.pg_tcp,
+            settings=exai_config.pg_settings,
+            startup_timeout=exai_config.pg_startup_timeout,
+        ).start()
+    except ExaiSessionsError as error:  # no binaries, no POSIX, no OS user to run them as, or the start failed
+        failure = f"no Supabase-like server: {type(error).__name__}: {error}"
+    if failure is not None:
+        _skip(failure)  # outside the except block: the reason, not a chain of tracebacks
+    try:
+        yield supabase
+    finally:
+        supabase.stop()
