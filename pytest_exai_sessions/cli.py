@@ -1,4 +1,4 @@
-"""``exai-sessions migrate|status``: bring a real database to the current schema."""
+"""``exai-sessions migrate|status|maintain``: bring a real database to the current schema and keep it up."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import psycopg
 
 from .db import DSN_ENV
 from .errors import ExaiSessionsError
+from .maintenance import maintain
 from .schema import apply_migrations, load_migrations, migration_status
 
 
@@ -19,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("migrate", "apply pending migrations"),
         ("status", "list applied and pending migrations"),
+        ("maintain", "create the next months' partitions, apply retention, refresh the views, schedule pg_cron jobs"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--dsn", default=os.environ.get(DSN_ENV), help=f"PostgreSQL DSN [env {DSN_ENV}]")
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with psycopg.connect(args.dsn, autocommit=True) as conn:
+            if args.command == "maintain":
+                for line in maintain(conn).lines():
+                    print(line)
+                return 0
             if args.command == "status" or args.dry_run:
                 statuses = migration_status(conn, load_migrations())
                 for status in statuses:
