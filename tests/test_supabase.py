@@ -76,10 +76,10 @@ def snapshot(dsn):
         }
 
 
-@pytest.fixture
-def supabase_db(exai_supabase):
-    """A new Supabase-like database, not yet migrated; dropped after the test."""
-    with exai_supabase.database() as dbname:
+@pytest.fixture(params=[False, True], ids=["no-data-api-defaults", "data-api-defaults"])
+def supabase_db(exai_supabase, request):
+    """A new Supabase-like database, not yet migrated, with or without the Data API's default privileges."""
+    with exai_supabase.database(data_api_default_privileges=request.param) as dbname:
         yield dbname
 
 
@@ -121,6 +121,21 @@ def test_postgres_is_demoted_and_the_roles_are_as_documented(exai_supabase, supa
         assert {(role, member) for role in roles} <= members
     assert auth_owner == (AUTH_ADMIN,)
     assert db_owner == (SUPABASE_ADMIN,)
+
+
+def test_the_data_api_default_privileges_are_opt_in(exai_supabase):
+    granted = {}
+    for opt_in in (False, True):
+        with (
+            exai_supabase.database(data_api_default_privileges=opt_in) as dbname,
+            psycopg.connect(exai_supabase.dsn(dbname)) as conn,
+        ):
+            conn.execute("CREATE TABLE public.notes (id int)")
+            granted[opt_in] = conn.execute(
+                "SELECT array_agg(has_table_privilege(r, 'public.notes', 'SELECT'))"
+                " FROM unnest(ARRAY['anon', 'authenticated', 'service_role']) AS r"
+            ).fetchone()
+    assert granted == {False: ([False] * 3,), True: ([True] * 3,)}
 
 
 def test_auth_functions_read_per_claim_settings_first_then_the_claims_object(exai_supabase, supabase_db):

@@ -15,8 +15,10 @@ Supabase-like database"), not from its code:
   (``request.jwt.claim.sub`` / ``.role``, older PostgREST) first and then
   ``request.jwt.claims`` (current PostgREST); the API roles and ``postgres`` may use them;
 - the database belongs to ``supabase_admin``; ``postgres`` may create schemas in it and
-  objects in ``public``, where what ``postgres`` creates is granted to the API roles by
-  default privileges (Supabase exposes ``public`` through its Data API that way).
+  objects in ``public``. New tables there are not granted to the API roles (Supabase's
+  default since 2026) unless ``data_api_default_privileges=True``: then what ``postgres``
+  creates in ``public`` is, by default privileges, as projects could opt in to (and older
+  projects had).
 
 ``make_supabase_like(conn)`` applies this through a superuser connection (cluster-wide
 roles, then the connected database); ``SupabaseLikeServer`` starts a throwaway server
@@ -150,7 +152,15 @@ def _roles(names: tuple[str, ...]) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(name) for name in names)
 
 
-def _bootstrap_database(conn: psycopg.Connection[Any]) -> None:
+# What the Data API's "default privileges for new entities" give the API roles in public.
+_DATA_API_DEFAULT_PRIVILEGES = (
+    ("TABLES", "SELECT, INSERT, UPDATE, DELETE"),
+    ("SEQUENCES", "USAGE, SELECT"),
+    ("FUNCTIONS", "EXECUTE"),
+)
+
+
+def _bootstrap_database(conn: psycopg.Connection[Any], *, data_api_default_privileges: bool) -> None:
     dbname = conn.info.dbname
     users = (*API_ROLES, POSTGRES)
     steps: list[sql.Composed] = [
@@ -161,10 +171,11 @@ def _bootstrap_database(conn: psycopg.Connection[Any]) -> None:
         sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(POSTGRES)),
         sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(_roles(API_ROLES)),
     ]
-    for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
+    for kind, privileges in _DATA_API_DEFAULT_PRIVILEGES:
+        verb = "GRANT {} ON {} TO {}" if data_api_default_privileges else "REVOKE {} ON {} FROM {}"
         steps.append(
-            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public GRANT ALL ON {} TO {}").format(
-                sql.Identifier(POSTGRES), sql.SQL(kind), _roles(API_ROLES)
+            sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public " + verb).format(
+                sql.Identifier(POSTGRES), sql.SQL(privileges), sql.SQL(kind), _roles(API_ROLES)
             )
         )
     for step in steps:
@@ -197,9 +208,11 @@ def _bootstrap_database(conn: psycopg.Connection[Any]) -> None:
     conn.execute("RESET ROLE", prepare=False)
 
 
-def make_supabase_like(conn: psycopg.Connection[Any]) -> None:
+def make_supabase_like(conn: psycopg.Connection[Any], *, data_api_default_privileges: bool = False) -> None:
     """Make the server and the database of ``conn`` (a superuser's) look like Supabase's.
 
+    ``data_api_default_privileges``: what ``postgres`` creates in ``public`` is granted to
+    the API roles (Supabase's opt-in "default privileges for new entities"); else not.
     Roles are cluster-wide: never run this on a server other tests share. Idempotent: a
     second run changes nothing (the ``auth`` schema and its functions are kept as they are).
     Raises ``ValueError`` (and changes nothing) when ``conn`` is no superuser's, or when
@@ -208,7 +221,7 @@ def make_supabase_like(conn: psycopg.Connection[Any]) -> None:
     _check_superuser(conn)
     with conn.transaction():
         _bootstrap_roles(conn)
-        _bootstrap_database(conn)
+        _bootstrap_database(conn, data_api_default_privileges=data_api_default_privileges)
 
 
 class SupabaseLikeServer:
@@ -262,14 +275,14 @@ class SupabaseLikeServer:
         """DSN of ``dbname`` as the superuser ``supabase_admin`` (what Supabase keeps to itself)."""
         return self.dsn(dbname, user=SUPABASE_ADMIN)
 
-    def create_database(self, dbname: str | None = None) -> str:
+    def create_database(self, dbname: str | None = None, *, data_api_default_privileges: bool = False) -> str:
         """Create a database as Supabase's (owner ``supabase_admin``, schema ``auth``, grants); return its name."""
         name = dbname or f"supabase_{secrets.token_hex(4)}"
         with psycopg.connect(self.admin_dsn(), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)), prepare=False)
         try:
             with psycopg.connect(self.admin_dsn(name), autocommit=True) as conn:
-                make_supabase_like(conn)
+                make_supabase_like(conn, data_api_default_privileges=data_api_default_privileges)
         except BaseException:
             self.drop_database(name)
             raise
@@ -282,9 +295,9 @@ class SupabaseLikeServer:
             )
 
     @contextmanager
-    def database(self) -> Iterator[str]:
+    def database(self, *, data_api_default_privileges: bool = False) -> Iterator[str]:
         """A new bootstrapped database for the block, dropped after it (also when it raises)."""
-        name = self.create_database()
+        name = self.create_database(data_api_default_privileges=data_api_default_privileges)
         try:
             yield name
         finally:
