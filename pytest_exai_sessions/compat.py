@@ -11,6 +11,9 @@ every operation goes through the core :class:`pytest_exai_sessions.SessionManage
 memory only by default, or written through to PostgreSQL with ``enable_persistence=True``
 (DSN from ``EXAI_SESSIONS_DSN``), ``dsn=`` or ``store=``. A persistent manager connects
 and recovers on first use, since the original API has no start; ``aclose()`` releases it.
+
+The original's service, ``SupabaseSessionService`` and its process-wide instance from
+``get_session_service()``, is here too (from ``session_service``), on the same core store.
 """
 
 from __future__ import annotations
@@ -32,13 +35,17 @@ from .errors import SessionNotFound
 from .manager import SessionManager as CoreSessionManager
 from .models import Session as SessionRecord
 from .models import SessionState, check_session_id, is_live, stale_before
+from .session_service import SupabaseSessionService, get_session_service, reset_session_service
 from .store import SessionStore
 
 __all__ = [
     "DSN_ENV",
     "Session",
     "SessionManager",
+    "SupabaseSessionService",
     "from_epoch_seconds",
+    "get_session_service",
+    "reset_session_service",
     "to_epoch_seconds",
 ]
 

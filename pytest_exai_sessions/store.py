@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 
 from .db import Database, PoolOptions, Query, database_errors, tuple_cursor
 from .errors import PersistenceError, SchemaMissing, SessionConflict
-from .models import Session, SessionMetrics, check_json_object
+from .models import Session, SessionMetrics, SessionState, check_json_object
 
 if TYPE_CHECKING:
     from .events import SessionEvents
@@ -116,11 +116,17 @@ def _compiled(query: sql.Composable) -> bytes:
     return query.as_bytes(None)
 
 
-def _create_query_composed(*, limited: bool) -> sql.Composed:
+def _insert_lists() -> tuple[sql.Composed, sql.Composed]:
+    """Every column, and the typed parameter of each: what an INSERT of a whole session names."""
     columns = sql.SQL(", ").join(sql.Identifier(column) for column in COLUMNS.values())
     values = sql.SQL(", ").join(
         sql.SQL("CAST({p} AS {t})").format(p=sql.Placeholder(field), t=sql.SQL(_TYPES[field])) for field in COLUMNS
     )
+    return columns, values
+
+
+def _create_query_composed(*, limited: bool) -> sql.Composed:
+    columns, values = _insert_lists()
     # created_at restarts too: a restarted id is a new session. Its version goes on from the
     # old row's, so a compare-and-set that read the old session cannot hit the new one.
     updates = sql.SQL(", ").join(
@@ -172,15 +178,65 @@ def _fetch_query() -> bytes:
     )
 
 
+# What save() keeps of a row it overwrites: when the session began, its expiry, and its
+# version, which goes on from the old row's.
+_KEPT_BY_SAVE = frozenset({"session_id", "created_at", "expires_at", "version"})
+
+
 @functools.cache
-def _record_request_query() -> bytes:
+def _save_query() -> bytes:
+    columns, values = _insert_lists()
+    updates: list[sql.Composable] = [
+        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(column))
+        for field, column in COLUMNS.items()
+        if field not in _KEPT_BY_SAVE
+    ]
+    updates.append(sql.SQL("version = sessions.version + 1"))
+    return _compiled(
+        sql.SQL(
+            "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
+            " ON CONFLICT (session_id) DO UPDATE SET {updates} RETURNING {returning}"
+        ).format(
+            table=_TABLE, columns=columns, values=values, updates=sql.SQL(", ").join(updates), returning=_RETURNING
+        )
+    )
+
+
+@functools.cache
+def _record_request_query(*, live_only: bool = True) -> bytes:
+    guard = sql.SQL(" AND {live}").format(live=_LIVE_FOUND) if live_only else sql.SQL("")
     return _compiled(
         sql.SQL(
             "UPDATE {table} AS sessions SET request_count = request_count + 1,"
             " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s,"
             " version = version + 1"
-            " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
+            " WHERE session_id = %(id)s{guard} RETURNING {returning}"
+        ).format(table=_TABLE, guard=guard, returning=_RETURNING)
+    )
+
+
+@functools.cache
+def _recent_query(*, of_one_state: bool) -> bytes:
+    where = sql.SQL(" WHERE session_state = %(state)s") if of_one_state else sql.SQL("")
+    return _compiled(
+        sql.SQL(
+            "SELECT {returning} FROM {table} AS sessions{where}"
+            " ORDER BY last_activity_at DESC, session_id LIMIT %(limit)s"
+        ).format(returning=_RETURNING, table=_TABLE, where=where)
+    )
+
+
+@functools.cache
+def _delete_idle_query() -> bytes:
+    # In batches, as _expire_stale_query. The DELETE checks the cutoff again on the row it
+    # locked: a session used meanwhile (its last_activity_at moved past it) stays.
+    return _compiled(
+        sql.SQL(
+            "WITH idle AS (SELECT id FROM {table} WHERE last_activity_at < %(before)s LIMIT %(batch)s),"
+            " gone AS (DELETE FROM {table} AS sessions USING idle"
+            " WHERE sessions.id = idle.id AND sessions.last_activity_at < %(before)s RETURNING 1)"
+            " SELECT count(*) FROM gone"
+        ).format(table=_TABLE)
     )
 
 
@@ -391,6 +447,12 @@ class SessionStore:
         params = {"id": session_id, "duration_ms": duration_ms, "now": now, "stale_before": stale_before}
         return await self._fetch_one(f"recording a request of session {session_id!r}", _record_request_query(), params)
 
+    async def count_request(self, session_id: str, *, duration_ms: int, now: datetime) -> Session | None:
+        """Count one request atomically on the row in whatever state; None when there is no row."""
+        params = {"id": session_id, "duration_ms": duration_ms, "now": now}
+        query = _record_request_query(live_only=False)
+        return await self._fetch_one(f"counting a request of session {session_id!r}", query, params)
+
     async def record_requests(
         self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
     ) -> list[Session]:
@@ -461,6 +523,36 @@ class SessionStore:
             # only the database sees whole.
             check_json_object(stored.data)
         return stored
+
+    async def save(self, session: Session) -> Session:
+        """Insert ``session``, or overwrite the row of its id in whatever state, in one statement.
+
+        Overwriting keeps the row's ``created_at``, ``expires_at`` and version history (its
+        version goes up by one); every other field is ``session``'s.
+        """
+        params = {f: _param(f, getattr(session, f)) for f in COLUMNS}
+        stored = await self._fetch_one(f"saving session {session.session_id!r}", _save_query(), params)
+        assert stored is not None  # an upsert returns its row
+        return stored
+
+    async def recent(self, *, state: SessionState | None = None, limit: int) -> list[Session]:
+        """Up to ``limit`` rows (of one ``state``, or any), the most recently active first."""
+        query = _recent_query(of_one_state=state is not None)
+        params = {"state": None if state is None else str(state), "limit": limit}
+        rows = await self.database.fetch_all("listing sessions", query, params)
+        return [_to_session(row) for row in rows]
+
+    async def delete_idle(self, *, before: datetime, batch_size: int = 5000) -> int:
+        """Delete every row, in any state, last active before ``before``; return how many."""
+        params = {"before": before, "batch": batch_size}
+        deleted = 0
+        while True:
+            row = await self.database.fetch_one("deleting idle sessions", _delete_idle_query(), params)
+            assert row is not None  # an aggregate always returns its row
+            batch: int = row[0]
+            deleted += batch
+            if batch < batch_size:
+                return deleted
 
     async def live_ids(self, *, stale_before: datetime, now: datetime) -> list[str]:
         """The ids of every live session, sorted."""

@@ -1,0 +1,325 @@
+"""The seed's ``SupabaseSessionService`` (and ``get_session_service()``) over the core store.
+
+Application code written against the original service keeps its calls: ``save_session``,
+``load_session``, ``delete_session``, ``list_sessions``, ``cleanup_expired_sessions``,
+``update_session_activity`` and the two (de)serialisers. Each call is one statement of
+:class:`pytest_exai_sessions.store.SessionStore` on ``public.sessions``. Unlike the original,
+a database error raises ``PersistenceError`` and bad input ``ValueError`` (nothing written),
+instead of a logged False or None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any, Self
+
+from .clock import SYSTEM_CLOCK, Clock
+from .db import DSN_ENV
+from .errors import PersistenceError
+from .models import BIGINT_MAX, Session, SessionState, check_duration_ms, check_session_id
+from .store import COLUMNS, SessionStore
+
+__all__ = [
+    "DEFAULT_METADATA",
+    "SupabaseSessionService",
+    "get_session_service",
+    "reset_session_service",
+]
+
+# What save_session stores as metadata when the caller gives none (the original's default).
+DEFAULT_METADATA: Mapping[str, str] = {"version": "1.0", "schema": "standard", "source": "session_manager"}
+# The keys of session_data that fill columns of their own, with the defaults the original used.
+_DATA_COLUMNS: Mapping[str, Any] = {
+    "state": SessionState.ACTIVE,
+    "user_id": None,
+    "user_type": "human",
+    "ip_address": None,
+    "user_agent": None,
+    "request_count": 0,
+    "total_duration_ms": 0,
+}
+# The manager's view of a session (the original's serialize/deserialize) and the table's
+# column of each key: the store's field names, except that the view calls the session id "id".
+_VIEW_TO_COLUMN: Mapping[str, str] = {"id": "session_id", **{f: c for f, c in COLUMNS.items() if f != "session_id"}}
+_COLUMN_TO_VIEW: Mapping[str, str] = {column: key for key, column in _VIEW_TO_COLUMN.items()}
+# Columns of public.sessions the view has no key for: a row read with "SELECT *" carries them.
+_ROW_ONLY_COLUMNS = frozenset({"id", "updated_at"})
+# The alias every returned row carries besides its column: what the original's callers read.
+_ROW_ALIASES: Mapping[str, str] = {"last_activity": "last_activity_at"}
+
+
+def _dsn_from_environment() -> str | None:
+    value = os.environ.get(DSN_ENV, "").strip()
+    return value or None
+
+
+class SupabaseSessionService:
+    """The original service's API on ``public.sessions``, through a ``SessionStore`` it opens itself.
+
+    ``dsn``: the database; None takes ``EXAI_SESSIONS_DSN`` (``enabled`` is False when neither
+    names one, and every call then raises ``PersistenceError``). Nothing connects before the
+    first call. The store's pool belongs to the event loop it was opened on: a call on
+    another loop opens a new one (the old loop's is dropped), so one service serves
+    ``asyncio.run()`` after ``asyncio.run()`` and test after test. ``aclose()`` releases the
+    connections; a later call connects again. ``clock``: where "now" comes from (a test's
+    ``exai_db_clock``); ``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts).
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        store_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if dsn is not None and (not isinstance(dsn, str) or not dsn.strip()):
+            raise ValueError(f"dsn must be a non-blank connection string, got {dsn!r}; or None for {DSN_ENV}")
+        self._dsn = dsn if dsn is not None else _dsn_from_environment()
+        self.clock = clock
+        self._store_options = dict(store_options or {})
+        self._store: SessionStore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when a database is configured (an argument or ``EXAI_SESSIONS_DSN``)."""
+        return self._dsn is not None
+
+    @property
+    def store(self) -> SessionStore | None:
+        """The store open on the current event loop's behalf, if any (crash tests abandon it)."""
+        return self._store
+
+    # connecting, per event loop
+
+    async def _ready(self) -> SessionStore:
+        if self._dsn is None:
+            raise PersistenceError(f"no database configured for the session service: set {DSN_ENV} or pass dsn=")
+        loop = asyncio.get_running_loop()
+        if self._store is not None and self._loop is loop:
+            return self._store
+        if self._opening is None or self._opening[0] is not loop:
+            self._opening = (loop, asyncio.Lock())
+        async with self._opening[1]:
+            if self._store is not None and self._loop is not loop:
+                await self._drop_foreign_store()
+            if self._store is None:
+                self._store = await SessionStore.open(self._dsn, **self._store_options)
+                self._loop = loop
+        return self._store
+
+    async def _drop_foreign_store(self) -> None:
+        """Forget the store of a loop that is gone (or another one): its pool cannot be closed from here.
+
+        The pool is marked closed; its connections, idle and owned by no task of this loop,
+        close when they are collected, which ends their backends.
+        """
+        store, self._store, self._loop = self._store, None, None
+        assert store is not None
+        # psycopg_pool waits for its workers on the loop that runs the close: on another one
+        # that fails (closed loop: RuntimeError; a live one: ValueError) after marking it closed.
+        with contextlib.suppress(RuntimeError, ValueError):
+            await store.abandon()
+
+    async def aclose(self) -> None:
+        """Close the connections; the service stays usable (the next call connects again)."""
+        if self._store is None:
+            return
+        if self._loop is not asyncio.get_running_loop():
+            await self._drop_foreign_store()
+            return
+        store, self._store, self._loop = self._store, None, None
+        await store.close()
+
+    async def abandon(self) -> None:
+        """Drop the connections without waiting for anything, as a dying process would (crash tests)."""
+        store, self._store, self._loop = self._store, None, None
+        if store is not None:
+            await store.abandon()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # the original API
+
+    async def save_session(
+        self, session_id: str, session_data: dict[str, Any], metadata: dict[str, Any] | None = None
+    ) -> bool:
+        """Insert the session or overwrite the row of ``session_id`` (any state); True once committed.
+
+        ``session_data`` is stored whole as the session's data; its keys ``state`` (default
+        ``active``), ``user_id``, ``user_type`` (default ``human``), ``ip_address``,
+        ``user_agent``, ``request_count`` (default 0) and ``total_duration_ms`` (default 0)
+        also fill those columns. The last activity is now; an overwritten row keeps its
+        ``created_at``. ``metadata`` defaults to ``DEFAULT_METADATA``.
+        """
+        check_session_id(session_id)
+        _check_dict("session_data", session_data)
+        if metadata is None:
+            metadata = dict(DEFAULT_METADATA)
+        _check_dict("metadata", metadata)
+        now = self.clock.now()
+        columns = {key: session_data.get(key, default) for key, default in _DATA_COLUMNS.items()}
+        for counter in ("request_count", "total_duration_ms"):
+            if isinstance(columns[counter], int) and columns[counter] > BIGINT_MAX:
+                raise ValueError(f"session_data[{counter!r}] = {columns[counter]} does not fit a bigint column")
+        # Validated in full before anything is sent: a pydantic ValidationError is a ValueError.
+        record = Session(
+            session_id=session_id, data=session_data, metadata=metadata, created_at=now, last_activity=now, **columns
+        )
+        await (await self._ready()).save(record)
+        return True
+
+    async def load_session(self, session_id: str) -> dict[str, Any] | None:
+        """The row of ``session_id``, in whatever state, as a dict keyed by column name; None if there is none."""
+        check_session_id(session_id)
+        record = await (await self._ready()).fetch(session_id)
+        return None if record is None else _row(record)
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Delete the row; True when there was one."""
+        check_session_id(session_id)
+        return await (await self._ready()).delete(session_id)
+
+    async def list_sessions(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows (of ``state``, or of any state), the most recently active first."""
+        wanted = None if state is None else _state(state)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
+        records = await (await self._ready()).recent(state=wanted, limit=limit)
+        return [_row(record) for record in records]
+
+    async def cleanup_expired_sessions(self, older_than_days: int = 7) -> int:
+        """Delete the sessions, in any state, last active more than ``older_than_days`` days ago; return how many.
+
+        The cutoff is now minus that many days of 24 hours, on any date.
+        """
+        if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) or older_than_days < 0:
+            raise ValueError(f"older_than_days must be a whole number >= 0, got {older_than_days!r}")
+        try:
+            cutoff = self.clock.now() - timedelta(days=older_than_days)
+        except OverflowError:
+            raise ValueError(f"older_than_days={older_than_days} reaches before the year 1") from None
+        return await (await self._ready()).delete_idle(before=cutoff)
+
+    async def update_session_activity(self, session_id: str, request_duration_ms: int | None = None) -> bool:
+        """Count one request, add its duration and move the last activity to now, in one statement.
+
+        True when the session (in any state) exists. ``request_duration_ms``: whole
+        milliseconds, or None for none.
+        """
+        check_session_id(session_id)
+        duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
+        store = await self._ready()
+        return await store.count_request(session_id, duration_ms=duration, now=self.clock.now()) is not None
+
+    @staticmethod
+    def serialize_session(session: dict[str, Any]) -> dict[str, Any]:
+        """The manager's view of a session as the table's columns: ``id`` -> ``session_id``, ``state`` ->
+        ``session_state``, ``data`` -> ``session_data``, ``last_activity`` -> ``last_activity_at``, ...
+
+        Values are kept as they are. A key may already be the column's name; a key that is
+        neither raises ``ValueError``, as do two keys for one column with different values.
+        """
+        return _renamed(session, {**_VIEW_TO_COLUMN, **{column: column for column in _COLUMN_TO_VIEW}}, frozenset())
+
+    @staticmethod
+    def deserialize_session(record: dict[str, Any]) -> dict[str, Any]:
+        """A row (as ``load_session`` returns it, or ``SELECT *``) in the manager's view: the inverse mapping.
+
+        The table's ``id`` and ``updated_at``, which the view has no key for, are left out.
+        """
+        return _renamed(record, {**_COLUMN_TO_VIEW, **{key: key for key in _ROW_ALIASES}}, _ROW_ONLY_COLUMNS)
+
+    def __repr__(self) -> str:
+        where = "connected" if self._store is not None else "not connected"
+        return f"<{type(self).__name__} {'enabled' if self.enabled else 'disabled'}, {where}>"
+
+
+def _check_dict(name: str, value: object) -> None:
+    if type(value) is not dict:
+        raise ValueError(f"{name} must be a dict, not {type(value).__name__}")
+
+
+def _state(value: str) -> SessionState:
+    try:
+        return SessionState(value)
+    except ValueError:
+        known = ", ".join(repr(str(s)) for s in SessionState)
+        raise ValueError(f"unknown session state {value!r}; one of {known}") from None
+
+
+def _row(record: Session) -> dict[str, Any]:
+    """A stored session keyed by column name, plus the aliases the original's callers read."""
+    row = {COLUMNS[field]: getattr(record, field) for field in COLUMNS}
+    row["session_state"], row["user_type"] = str(record.state), str(record.user_type)
+    for alias, column in _ROW_ALIASES.items():
+        row[alias] = row[column]
+    return row
+
+
+def _renamed(source: dict[str, Any], names: Mapping[str, str], dropped: frozenset[str]) -> dict[str, Any]:
+    _check_dict("a session", source)
+    renamed: dict[str, Any] = {}
+    for key, value in source.items():
+        if key in dropped:
+            continue
+        if key not in names:
+            raise ValueError(f"unknown session key {key!r}; known: {sorted(names)}")
+        target = names[key]
+        if target in renamed and renamed[target] != value:
+            raise ValueError(f"two different values for {target!r}: {renamed[target]!r} and {value!r} (as {key!r})")
+        renamed[target] = value
+    return renamed
+
+
+# -- the process-wide service
+
+
+class _Shared:
+    """The one service of the process, built on first use (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._service: SupabaseSessionService | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> SupabaseSessionService:
+        with self._lock:
+            if self._service is None:
+                self._service = SupabaseSessionService()
+            return self._service
+
+    def take(self) -> SupabaseSessionService | None:
+        with self._lock:
+            service, self._service = self._service, None
+            return service
+
+
+_shared = _Shared()
+
+
+def get_session_service() -> SupabaseSessionService:
+    """The process-wide service, built on first call with the DSN in ``EXAI_SESSIONS_DSN``.
+
+    Every call returns the same object until ``reset_session_service()``.
+    """
+    return _shared.get()
+
+
+async def reset_session_service() -> None:
+    """Close the process-wide service and forget it: the next ``get_session_service()`` builds a new one.
+
+    For tests (each with its database in ``EXAI_SESSIONS_DSN``) and for shutdown.
+    """
+    service = _shared.take()
+    if service is not None:
+        await service.aclose()
