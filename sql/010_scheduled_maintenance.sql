@@ -57,7 +57,11 @@ BEGIN
     FOR v_offset IN 0..v_ahead LOOP
         v_month := v_this_month + make_interval(months => v_offset);
         v_name := format('event_metric_events_y%sm%s', to_char(v_month, 'YYYY'), to_char(v_month, 'MM'));
-        CONTINUE WHEN to_regclass(format('%I.%I', 'unified', v_name)) IS NOT NULL;
+        -- Only an attached partition counts: a table of that name that is not one is left to
+        -- create_monthly_partition, which refuses it with a hint.
+        CONTINUE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_inherits
+                               WHERE inhrelid = to_regclass(format('%I.%I', 'unified', v_name))
+                                 AND inhparent = 'unified.event_metric_events'::regclass);
         RETURN NEXT unified.create_monthly_partition(v_month AT TIME ZONE 'UTC');
     END LOOP;
 END

@@ -6,6 +6,7 @@ expected partitions are computed in Python from the instant, independently of th
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from partitions import drop_monthly_partitions, monthly_partitions
+from psycopg import sql
 from test_cli import run_cli
 
 from pytest_exai_sessions import PersistenceError
@@ -300,3 +302,23 @@ async def test_the_periodic_runner_refuses_bad_input_and_ends_on_a_database_erro
         await maintain_periodically(empty_dsn, every_seconds="60")
     with pytest.raises(PersistenceError, match="apply the migrations first"):
         await maintain_periodically(empty_dsn, every_seconds=60)
+
+
+def test_a_member_of_service_role_may_run_it(exai_dsn, exai_db_clock):
+    """The functions are SECURITY DEFINER with EXECUTE for service_role: no ownership needed."""
+    now = parse_instant("2032-06-30T23:59:59Z")
+    exai_db_clock.set(now)
+    role = f"exai_maintainer_{secrets.token_hex(4)}"
+    with psycopg.connect(exai_dsn, autocommit=True) as conn:
+        drop_monthly_partitions(conn)
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE service_role").format(sql.Identifier(role)))
+        try:
+            result = run_cli("maintain", "--dsn", psycopg.conninfo.make_conninfo(exai_dsn, user=role))
+            for name in ("create_upcoming_partitions", "apply_retention", "schedule_maintenance_jobs"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                    conn.execute("SET LOCAL ROLE authenticated")
+                    conn.execute(sql.SQL("SELECT * FROM {}()").format(sql.Identifier("unified", name)))
+        finally:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    assert result.returncode == 0, result.stderr
+    assert report_of(result.stdout)["partitions created"] == upcoming(now)
