@@ -52,6 +52,7 @@ FIXTURES = (
     "exai_as_service_role",
     "exai_shared_dsn",
     "exai_rollback_conn",
+    "exai_supabase",
 )
 FLAGS = (
     "--exai-dsn",
