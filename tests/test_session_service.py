@@ -321,6 +321,18 @@ async def test_cleanup_deletes_sessions_last_active_before_the_cutoff_on_any_dat
 
 
 @pytest.mark.asyncio
+async def test_the_process_wide_service_follows_the_test_clock_once_given_it(shared, exai_db_clock, exai_direct_dsn):
+    # Application code calls get_session_service() and cannot pass a clock: the test sets it.
+    shared.clock = exai_db_clock
+    exai_db_clock.set("2027-03-01T00:30:00Z")
+    await shared.save_session("left-in-february", {})
+    exai_db_clock.advance(timedelta(days=7, microseconds=1))
+
+    assert await get_session_service().cleanup_expired_sessions() == 1
+    assert rows(exai_direct_dsn) == {}
+
+
+@pytest.mark.asyncio
 async def test_cleanup_with_nothing_to_delete_returns_zero(service):
     await service.save_session("fresh", {})
     assert await service.cleanup_expired_sessions() == 0
