@@ -31,13 +31,14 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from run import RESULTS, Figure, median_ratio, start_server
+from run import RESULTS, Figure, median_ratio, sections_from, start_server
 
 from pytest_exai_sessions.schema import latest_version
 from pytest_exai_sessions.server import TemporaryPostgres
 from pytest_exai_sessions.testing.databases import TestDatabases
 
 RETENTION = timedelta(days=90)
+SECTION = 8  # its number in RESULTS.md, after run.py's seven
 # The five per-type tables, their event type and category, and each type's share of the events.
 TYPES = {
     "api_requests": ("api_request", "request", 0.40),
@@ -490,8 +491,13 @@ def main() -> None:
     report = f"{header}\n\n{table}\n"
     print(report)
     if not args.quick and not args.events:
-        with RESULTS.open("a") as results:
-            results.write(f"\n### 8. The seed's claims: unified table against five per-type tables\n\n{report}")
+        # Section 8 replaced (or added): what precedes it is run.py's, what follows it is kept.
+        text = RESULTS.read_text()
+        start = text.find(f"\n### {SECTION}. ")
+        before = text if start < 0 else text[: start + 1]
+        after = sections_from(SECTION + 1)
+        section = f"### {SECTION}. The seed's claims: unified table against five per-type tables\n\n{report}"
+        RESULTS.write_text(before.rstrip("\n") + "\n\n" + section + (f"\n{after}" if after else ""))
 
 
 if __name__ == "__main__":

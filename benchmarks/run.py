@@ -729,9 +729,19 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if not args.quick and not args.only:
+        # Sections after this script's own are other scripts' (claims.py): kept as they are.
+        others = sections_from(len(sections) + 1)
         RESULTS.write_text(
             f"# Benchmark results\n\nWritten by `python benchmarks/run.py` on {time.strftime('%Y-%m-%d')}.\n\n{report}"
+            + (f"\n{others}" if others else "")
         )
+
+
+def sections_from(number: int) -> str:
+    """RESULTS.md from its section ``number`` (``### N. ...``) to the end; empty if it has none."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start = text.find(f"\n### {number}. ")
+    return "" if start < 0 else text[start + 1 :]
 
 
 if __name__ == "__main__":
