@@ -1,8 +1,8 @@
 """The pg_cron jobs, on a real server with pg_cron preloaded, as Supabase's demoted ``postgres``.
 
-Each test starts a server of its own: its bootstrap superuser is ``supabase_admin``, and
-``postgres`` is NOSUPERUSER CREATEDB CREATEROLE BYPASSRLS, as on Supabase; the superuser
-creates the extension (the project owner's choice there) and grants USAGE on ``cron``.
+Each test starts a Supabase-like server of its own (``testing.supabase``: the bootstrap
+superuser is ``supabase_admin``, ``postgres`` is NOSUPERUSER CREATEDB CREATEROLE BYPASSRLS);
+the superuser creates the extension (the project owner's choice there) and grants USAGE on ``cron``.
 pg_cron's extension lives in the database ``cron.database_name`` names, here ``postgres``.
 
 Skipped where the server binaries in use have no pg_cron (tox's pg18 env: embedded
@@ -27,11 +27,11 @@ from pytest_exai_sessions import apply_migrations, load_migrations
 from pytest_exai_sessions.clock import parse_instant
 from pytest_exai_sessions.maintenance import maintain
 from pytest_exai_sessions.plugin.config import ExaiConfig
-from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
+from pytest_exai_sessions.server import find_bindir, server_os_user
+from pytest_exai_sessions.testing.supabase import POSTGRES as OWNER
+from pytest_exai_sessions.testing.supabase import SupabaseLikeServer
 
 PG_CRON_SETTINGS = {"shared_preload_libraries": "pg_cron", "cron.database_name": "postgres"}
-SUPERUSER = "supabase_admin"
-OWNER = "postgres"  # the schema's owner, demoted as on Supabase
 JOBS = {
     "exai-sessions-partitions": ("7 0 * * *", "SELECT unified.create_upcoming_partitions()"),
     "exai-sessions-retention": ("17 0 * * *", "SELECT unified.apply_retention()"),
@@ -61,33 +61,25 @@ def pg_cron_missing(bindir: Path) -> str | None:
 
 
 @pytest.fixture
-def supabase_like(exai_config: ExaiConfig, basedir: Path) -> Iterator[TemporaryPostgres]:
-    """A server of this test's own with pg_cron preloaded and a demoted ``postgres``; removed after it."""
+def supabase_like(exai_config: ExaiConfig, basedir: Path) -> Iterator[SupabaseLikeServer]:
+    """A Supabase-like server of this test's own, with pg_cron preloaded; removed after it."""
     bindir = find_bindir(exai_config.pg_bin)
     reason = pg_cron_missing(bindir)
     if reason:
         pytest.skip(reason)
-    with TemporaryPostgres(
-        bindir, basedir=basedir, os_user=server_os_user(None), superuser=SUPERUSER, settings=PG_CRON_SETTINGS
-    ) as server:
-        with as_superuser(server) as conn:
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER CREATEDB CREATEROLE BYPASSRLS").format(sql.Identifier(OWNER))
-            )
-            conn.execute(sql.SQL("GRANT CREATE ON DATABASE postgres TO {}").format(sql.Identifier(OWNER)))
-            conn.execute(sql.SQL("GRANT ALL ON SCHEMA public TO {}").format(sql.Identifier(OWNER)))
+    with SupabaseLikeServer(bindir, basedir=basedir, os_user=server_os_user(None), settings=PG_CRON_SETTINGS) as server:
         yield server
 
 
-def as_superuser(server: TemporaryPostgres) -> psycopg.Connection:
-    return psycopg.connect(server.dsn("postgres"), autocommit=True)
+def as_superuser(server: SupabaseLikeServer) -> psycopg.Connection:
+    return psycopg.connect(server.admin_dsn(), autocommit=True)
 
 
-def owner_dsn(server: TemporaryPostgres) -> str:
-    return psycopg.conninfo.make_conninfo(server.dsn("postgres"), user=OWNER)
+def owner_dsn(server: SupabaseLikeServer) -> str:
+    return server.dsn()
 
 
-def enable_pg_cron(server: TemporaryPostgres, *, grant_usage: bool = True) -> None:
+def enable_pg_cron(server: SupabaseLikeServer, *, grant_usage: bool = True) -> None:
     """What the project owner does on Supabase (Database > Extensions > pg_cron)."""
     with as_superuser(server) as conn:
         conn.execute("CREATE EXTENSION pg_cron")
@@ -95,7 +87,7 @@ def enable_pg_cron(server: TemporaryPostgres, *, grant_usage: bool = True) -> No
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA cron TO {}").format(sql.Identifier(OWNER)))
 
 
-def scheduled_jobs(server: TemporaryPostgres) -> dict[str, tuple[int, str, str, str, str]]:
+def scheduled_jobs(server: SupabaseLikeServer) -> dict[str, tuple[int, str, str, str, str]]:
     """Every job, as the superuser sees them (all roles'): name -> (jobid, schedule, command, database, user)."""
     with as_superuser(server) as conn:
         rows = conn.execute("SELECT jobname, jobid, schedule, command, database, username FROM cron.job").fetchall()
@@ -107,7 +99,7 @@ def expected_jobs(ids: dict[str, int]) -> dict[str, tuple[int, str, str, str, st
     return {name: (ids[name], schedule, command, "postgres", OWNER) for name, (schedule, command) in JOBS.items()}
 
 
-def test_migrating_schedules_the_named_jobs_once_as_the_demoted_owner(supabase_like: TemporaryPostgres) -> None:
+def test_migrating_schedules_the_named_jobs_once_as_the_demoted_owner(supabase_like: SupabaseLikeServer) -> None:
     enable_pg_cron(supabase_like)
 
     with psycopg.connect(owner_dsn(supabase_like), autocommit=True) as conn:
@@ -134,7 +126,7 @@ def test_migrating_schedules_the_named_jobs_once_as_the_demoted_owner(supabase_l
     assert scheduled_jobs(supabase_like) == first  # same jobs, same jobids
 
 
-def test_pg_cron_installed_after_the_schema_gets_its_jobs_from_maintain(supabase_like: TemporaryPostgres) -> None:
+def test_pg_cron_installed_after_the_schema_gets_its_jobs_from_maintain(supabase_like: SupabaseLikeServer) -> None:
     dsn = owner_dsn(supabase_like)
     with psycopg.connect(dsn, autocommit=True) as conn:
         apply_migrations(conn)  # pg_cron absent: the migration schedules nothing and does not fail
@@ -161,7 +153,7 @@ def test_pg_cron_installed_after_the_schema_gets_its_jobs_from_maintain(supabase
 
 
 @pytest.mark.parametrize("instant", ["2030-12-31T23:59:59Z", "2029-02-28T12:00:00Z"])
-def test_each_jobs_command_does_its_work(supabase_like: TemporaryPostgres, instant: str) -> None:
+def test_each_jobs_command_does_its_work(supabase_like: SupabaseLikeServer, instant: str) -> None:
     """Run each scheduled command as the job's user, as pg_cron would, under the database's test clock."""
     enable_pg_cron(supabase_like)
     now = parse_instant(instant)
