@@ -6,6 +6,7 @@ for the original service. Dates come from ``exai_db_clock``, set by the tests th
 """
 
 import asyncio
+import sys
 from datetime import UTC, datetime, timedelta
 
 import original_service_app
@@ -93,6 +94,12 @@ async def test_get_session_service_is_one_instance_until_reset(shared):
     assert (await fresh.load_session("kept"))["session_id"] == "kept"
 
 
+@pytest.mark.xfail(
+    sys.version_info >= (3, 12),
+    reason="known bug (issue 16 note): from Python 3.12, dropping the pool of a closed loop raises CancelledError"
+    " out of psycopg_pool's workers",
+    strict=False,
+)
 def test_one_service_serves_event_loop_after_event_loop(exai_dsn, monkeypatch):
     """pytest-asyncio gives each test a loop of its own; the process-wide service follows."""
     monkeypatch.setenv(DSN_ENV, exai_dsn)
