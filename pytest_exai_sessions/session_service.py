@@ -11,7 +11,6 @@ instead of a logged False or None.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -63,11 +62,12 @@ class SupabaseSessionService:
 
     ``dsn``: the database; None takes ``EXAI_SESSIONS_DSN`` (``enabled`` is False when neither
     names one, and every call then raises ``PersistenceError``). Nothing connects before the
-    first call. The store's pool belongs to the event loop it was opened on: a call on
-    another loop opens a new one (the old loop's is dropped), so one service serves
-    ``asyncio.run()`` after ``asyncio.run()`` and test after test. ``aclose()`` releases the
-    connections; a later call connects again. ``clock``: where "now" comes from (a test's
-    ``exai_db_clock``); ``store_options`` go to ``SessionStore.open`` (pool sizes, timeouts).
+    first call. A store's pool belongs to the event loop it was opened on: each loop that
+    calls gets its own (a closed loop's is dropped), so one service serves ``asyncio.run()``
+    after ``asyncio.run()``, test after test, and threads with loops of their own.
+    ``aclose()`` releases the running loop's connections; a later call connects again.
+    ``clock``: where "now" comes from (a test's ``exai_db_clock``); ``store_options`` go to
+    ``SessionStore.open`` (pool sizes, timeouts).
     """
 
     def __init__(
@@ -82,9 +82,9 @@ class SupabaseSessionService:
         self._dsn = dsn if dsn is not None else _dsn_from_environment()
         self.clock = clock
         self._store_options = dict(store_options or {})
-        self._store: SessionStore | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # One store per event loop: a psycopg pool works on the loop it was opened on only.
+        self._stores: dict[asyncio.AbstractEventLoop, SessionStore] = {}
+        self._opening: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
     @property
     def enabled(self) -> bool:
@@ -93,8 +93,11 @@ class SupabaseSessionService:
 
     @property
     def store(self) -> SessionStore | None:
-        """The store open on the current event loop's behalf, if any (crash tests abandon it)."""
-        return self._store
+        """The store open on the running event loop's behalf, if any (None outside a loop)."""
+        try:
+            return self._stores.get(asyncio.get_running_loop())
+        except RuntimeError:  # no running loop
+            return None
 
     # connecting, per event loop
 
@@ -102,44 +105,42 @@ class SupabaseSessionService:
         if self._dsn is None:
             raise PersistenceError(f"no database configured for the session service: set {DSN_ENV} or pass dsn=")
         loop = asyncio.get_running_loop()
-        if self._store is not None and self._loop is loop:
-            return self._store
-        if self._opening is None or self._opening[0] is not loop:
-            self._opening = (loop, asyncio.Lock())
-        async with self._opening[1]:
-            if self._store is not None and self._loop is not loop:
-                await self._drop_foreign_store()
-            if self._store is None:
-                self._store = await SessionStore.open(self._dsn, **self._store_options)
-                self._loop = loop
-        return self._store
+        store = self._stores.get(loop)
+        if store is not None:
+            return store
+        self._forget_closed_loops()
+        async with self._opening.setdefault(loop, asyncio.Lock()):
+            store = self._stores.get(loop)
+            if store is None:
+                store = self._stores[loop] = await SessionStore.open(self._dsn, **self._store_options)
+        return store
 
-    async def _drop_foreign_store(self) -> None:
-        """Forget the store of a loop that is gone (or another one): its pool cannot be closed from here.
+    def _forget_closed_loops(self) -> None:
+        """Drop the stores of event loops that are closed: nothing can run on them any more.
 
-        The pool is marked closed; its connections, idle and owned by no task of this loop,
-        close when they are collected, which ends their backends.
+        Their pools are not closed: psycopg_pool closes a pool only on its own loop, and from
+        another one it waits on that loop's tasks (a closed loop's never finish). After
+        ``asyncio.run`` or pytest-asyncio those tasks are cancelled, and the idle connections
+        end when the pool is collected.
         """
-        store, self._store, self._loop = self._store, None, None
-        assert store is not None
-        # psycopg_pool waits for its workers on the loop that runs the close: on another one
-        # that fails (closed loop: RuntimeError; a live one: ValueError) after marking it closed.
-        with contextlib.suppress(RuntimeError, ValueError):
-            await store.abandon()
+        for loop in list(self._opening):
+            if loop.is_closed():
+                self._stores.pop(loop, None)
+                self._opening.pop(loop, None)
 
     async def aclose(self) -> None:
-        """Close the connections; the service stays usable (the next call connects again)."""
-        if self._store is None:
-            return
-        if self._loop is not asyncio.get_running_loop():
-            await self._drop_foreign_store()
-            return
-        store, self._store, self._loop = self._store, None, None
-        await store.close()
+        """Close the running loop's connections; the service stays usable (the next call connects again).
+
+        A pool open on another event loop that is still open is closed by ``aclose()`` on that loop.
+        """
+        self._forget_closed_loops()
+        store = self._stores.pop(asyncio.get_running_loop(), None)
+        if store is not None:
+            await store.close()
 
     async def abandon(self) -> None:
-        """Drop the connections without waiting for anything, as a dying process would (crash tests)."""
-        store, self._store, self._loop = self._store, None, None
+        """Drop the running loop's connections without waiting for anything, as a dying process would."""
+        store = self._stores.pop(asyncio.get_running_loop(), None)
         if store is not None:
             await store.abandon()
 
@@ -241,7 +242,7 @@ class SupabaseSessionService:
         return _renamed(record, {**_COLUMN_TO_VIEW, **{key: key for key in _ROW_ALIASES}}, _ROW_ONLY_COLUMNS)
 
     def __repr__(self) -> str:
-        where = "connected" if self._store is not None else "not connected"
+        where = f"connected on {len(self._stores)} event loop(s)" if self._stores else "not connected"
         return f"<{type(self).__name__} {'enabled' if self.enabled else 'disabled'}, {where}>"
 
 

@@ -6,7 +6,9 @@ for the original service. Dates come from ``exai_db_clock``, set by the tests th
 """
 
 import asyncio
-import sys
+import concurrent.futures
+import gc
+import time
 from datetime import UTC, datetime, timedelta
 
 import original_service_app
@@ -94,33 +96,88 @@ async def test_get_session_service_is_one_instance_until_reset(shared):
     assert (await fresh.load_session("kept"))["session_id"] == "kept"
 
 
-@pytest.mark.xfail(
-    sys.version_info >= (3, 12),
-    reason="known bug (issue 16 note): from Python 3.12, dropping the pool of a closed loop raises CancelledError"
-    " out of psycopg_pool's workers",
-    strict=False,
-)
-def test_one_service_serves_event_loop_after_event_loop(exai_dsn, monkeypatch):
-    """pytest-asyncio gives each test a loop of its own; the process-wide service follows."""
+def backends(direct_dsn, application_name):
+    """How many server processes serve connections named ``application_name``, once those ending have ended."""
+    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+        for _ in range(200):  # a backend exits shortly after its client hangs up
+            count = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+            ).fetchone()[0]
+            if count == 0:
+                break
+            time.sleep(0.05)
+    return count
+
+
+def test_one_service_serves_event_loop_after_event_loop(exai_dsn, exai_direct_dsn, monkeypatch):
+    """asyncio.run() after asyncio.run() (pytest-asyncio gives each test a loop too): a pool per loop."""
     monkeypatch.setenv(DSN_ENV, exai_dsn)
     asyncio.run(reset_session_service())
     service = get_session_service()
+
+    async def call(method, *args):
+        return await getattr(service, method)(*args), service.store.application_name
+
     try:
-        assert asyncio.run(service.save_session("first", {"n": 1}))
-        # A new loop, the first one closed: the service opens a new pool.
-        assert asyncio.run(service.load_session("first"))["session_data"] == {"n": 1}
-        # A loop that stays open while another one runs.
-        other = asyncio.new_event_loop()
-        try:
-            assert other.run_until_complete(service.save_session("second", {}))
-            assert asyncio.run(service.update_session_activity("second", 5))
-        finally:
-            other.close()
-        # Closed, it connects again on the next call.
+        saved, first = asyncio.run(call("save_session", "first", {"n": 1}))
+        assert saved
+        # A new loop, the first one closed: a pool of its own, the closed loop's dropped.
+        row, second = asyncio.run(call("load_session", "first"))
+        assert row["session_data"] == {"n": 1}
+        assert second != first
+        gc.collect()
+        if exai_dsn == exai_direct_dsn:  # through a pooler the server's backends are the pooler's
+            assert backends(exai_direct_dsn, first) == 0
         asyncio.run(service.aclose())
-        assert sorted(row["session_id"] for row in asyncio.run(service.list_sessions())) == ["first", "second"]
     finally:
         asyncio.run(reset_session_service())
+
+
+def test_loops_that_stay_open_keep_their_own_pools(exai_dsn, monkeypatch):
+    """A loop that is open but not running, and a loop running in another thread, while this one runs."""
+    monkeypatch.setenv(DSN_ENV, exai_dsn)
+    asyncio.run(reset_session_service())
+    service = get_session_service()
+
+    async def call(method, *args):
+        return await getattr(service, method)(*args), service.store
+
+    other = asyncio.new_event_loop()
+    try:
+        _, other_store = other.run_until_complete(call("save_session", "other", {}))
+        # Meanwhile another loop (in another thread) and this thread's next asyncio.run().
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            in_thread = thread.submit(asyncio.run, call("save_session", "thread", {}))
+            counted, main_store = asyncio.run(call("update_session_activity", "other", 5))
+            _, thread_store = in_thread.result(timeout=60)
+        assert counted
+        assert len({id(other_store), id(main_store), id(thread_store)}) == 3
+        # Back on the loop left open: its pool is still there, and serves it.
+        row, again = other.run_until_complete(call("load_session", "other"))
+        assert again is other_store
+        assert (row["request_count"], row["total_duration_ms"]) == (1, 5)
+        other.run_until_complete(service.aclose())
+        assert other.run_until_complete(call("load_session", "thread"))[0]["session_id"] == "thread"
+        other.run_until_complete(service.aclose())
+    finally:
+        other.close()
+        asyncio.run(reset_session_service())
+
+
+def test_closing_the_service_closes_the_running_loops_pool_and_it_connects_again(exai_dsn, exai_direct_dsn):
+    async def scenario():
+        async with SupabaseSessionService(exai_dsn) as service:
+            await service.save_session("s", {})
+            name = service.store.application_name
+            await service.aclose()
+            assert service.store is None
+            if exai_dsn == exai_direct_dsn:
+                assert backends(exai_direct_dsn, name) == 0
+            assert (await service.load_session("s"))["session_id"] == "s"
+            assert service.store is not None and service.store.application_name != name
+        assert service.store is None
+
+    asyncio.run(scenario())
 
 
 # -- save_session, load_session
