@@ -17,7 +17,6 @@ import contextlib
 import os
 import platform
 import random
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -25,10 +24,10 @@ import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import first_test as first_test_bench
 import per_test
 import psycopg
 from psycopg import sql
@@ -36,12 +35,10 @@ from psycopg import sql
 from pytest_exai_sessions import Session, SessionManager, SessionStore
 from pytest_exai_sessions.schema import latest_version
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
-from pytest_exai_sessions.server.cache import ClusterCache, cached_template_name
 from pytest_exai_sessions.server.pooler import POOL_MODES, PgBouncer, PoolerNotFound, find_pgbouncer
 from pytest_exai_sessions.store import COLUMNS
 from pytest_exai_sessions.testing.crash import CrashHarness
 from pytest_exai_sessions.testing.databases import TestDatabases
-from pytest_exai_sessions.testing.template_schema import TemplateSchema
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 METHOD = """How: 1. Each fixture hands a connection to a database of its own to 40 identical tests in a \
@@ -49,7 +46,15 @@ pytest subprocess; the per-test cost is the setup plus teardown time pytest repo
 interleaved runs. Ours clones ahead in the background (`--exai-clones-ahead`, default 2), so a test \
 waits only for what is not ready; "clone + drop called directly" is the work one clone is. \
 pytest-postgresql's `postgresql` fixture runs on a server this script starts with its settings \
-(fsync off only), as its own `postgresql_proc` refuses to run as root. 3. 30 alternating blocks of \
+(fsync off only), as its own `postgresql_proc` refuses to run as root. 2. A fresh `pytest -q` process \
+per measurement on a one-test file whose test asks for a connection (ours: `exai_dsn`; pytest-postgresql: its \
+`postgresql` fixture with its `postgresql_proc`), in a virtualenv of the system Python readable by the \
+unprivileged user `postgres`; pytest-postgresql runs only as that user (it runs `pg_ctl initdb` itself, which \
+refuses root). The first-test setup is the setup duration pytest reports for the test (what `--durations` \
+shows, session fixtures included); the whole process is its wall time. Each run disables the other \
+project's plugin. One untimed run of each variant, then the variants take turns in each round; a ratio is \
+the median of the per-round ratios. Cold: the cache directory is emptied before each run; warm: a cache \
+directory of its own, filled by the untimed run. Phases are the plugin's `-v` summary. 3. 30 alternating blocks of \
 200 calls; a ratio is the median of the per-block ratios. The target's baseline is the raw upsert, \
 as the issue states; the plain UPDATE is shown as a stricter one. A get is compared with a raw \
 psycopg `SELECT` of the same columns by `session_id` on one autocommit connection (the raw \
@@ -159,45 +164,52 @@ def direct_clone(server: TemporaryPostgres, repeat: int) -> Figure:
     return Figure("clone + drop called directly, no test around them (tmpfs)", ms, "ms")
 
 
-def cold_start(basedir: Path | None, repeat: int) -> list[Figure]:
-    def start_to_template() -> None:
-        server = start_server(basedir)
-        try:
-            TestDatabases(server).create_template()
-        finally:
-            server.stop()
+def first_test(rounds: int) -> list[Figure]:
+    """The first test's setup and the whole ``pytest`` process, ours against pytest-postgresql's (first_test.py)."""
+    environment, variants = first_test_bench.measure(rounds)
+    pp_disk = variants["pytest-postgresql (unprivileged, its default: data directory under /tmp, on disk)"]
+    pp_tmpfs = variants["pytest-postgresql (unprivileged, --basetemp on tmpfs)"]
 
-    cold_ms = median_ms(start_to_template, repeat)
+    def ratio(ours: first_test_bench.Variant, theirs: first_test_bench.Variant) -> float:
+        return statistics.median(a / b for a, b in zip(ours.setups, theirs.setups, strict=True))
 
-    cache_dir = Path(tempfile.mkdtemp(prefix="exai-bench-cache-", dir=basedir or "/dev/shm"))
-    os.chmod(cache_dir, 0o755)  # our own directory: the server's OS user must enter it
-    bindir, os_user = find_bindir(), server_os_user(None)
-
-    def make_server() -> TemporaryPostgres:
-        return TemporaryPostgres(bindir, basedir=cache_dir, os_user=os_user)
-
-    schema = TemplateSchema().resolve(Path.cwd())
-
-    def build(server: TemporaryPostgres) -> None:
-        databases = TestDatabases(server, template=cached_template_name(schema.key), schema=schema)
-        databases.create_template()
-        databases.close()
-
-    cache = ClusterCache(cache_dir, [schema.key], as_of=datetime.now(UTC))
-    cache.start(make_server, build).stop()  # the first run builds the cache
-
-    def warm_start() -> None:
-        cache.start(make_server, build).stop()
-
-    try:
-        warm_ms = median_ms(warm_start, repeat)
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    return [
-        Figure("cold start to first test ready (initdb, start, template)", cold_ms, "ms", "<= 600 ms", cold_ms <= 600),
-        Figure("warm start from the cached cluster (--exai-reuse)", warm_ms, "ms"),
-        Figure("warm / cold", warm_ms / cold_ms, "x", "<= 0.35", warm_ms / cold_ms <= 0.35),
+    figures = [Figure(f"environment: {environment}", rounds, "rounds")]
+    figures += [
+        Figure(f"first-test setup: {name}", statistics.median(v.setups) * 1000, "ms") for name, v in variants.items()
     ]
+    targets = {"warm": ("<= 0.2", 0.2), "cold": ("<= 0.75", 0.75)}
+    for name, variant in variants.items():
+        if not name.startswith("ours, cache warm") and not name.startswith("ours, cache cold"):
+            continue
+        text, limit = targets["warm" if "warm" in name else "cold"]
+        for label, theirs in (("its default", pp_disk), ("on tmpfs", pp_tmpfs)):
+            value = ratio(variant, theirs)
+            figures.append(
+                Figure(
+                    f"{name} / pytest-postgresql ({label})",
+                    value,
+                    "x",
+                    text,
+                    value <= limit if label == "its default" else None,
+                )
+            )
+    warm = variants["ours, cache warm (unprivileged)"]
+    figures += [
+        Figure(f"whole `pytest -q` process: {name}", statistics.median(variant.walls) * 1000, "ms")
+        for name, variant in variants.items()
+        if variant in (warm, pp_disk, pp_tmpfs)
+    ]
+    figures.append(
+        Figure(
+            "whole process, ours (cache warm) / pytest-postgresql (its default)",
+            statistics.median(a / b for a, b in zip(warm.walls, pp_disk.walls, strict=True)),
+            "x",
+        )
+    )
+    for name, variant in variants.items():
+        for phase, ms, detail in first_test_bench.median_phases(variant.phases):
+            figures.append(Figure(f"{name}: {phase}" + (f" ({detail})" if detail else ""), ms, "ms"))
+    return figures
 
 
 RAW_UPSERT = (
@@ -694,7 +706,7 @@ def main() -> None:
             "1. A fresh database per test",
             lambda: per_test_database(tmpfs_server, disk_server, baseline_tmpfs, args.quick),
         ),
-        2: ("2. Cold start", lambda: cold_start(None, max(3, repeat // 6))),
+        2: ("2. The first test of a run", lambda: first_test(3 if args.quick else 9)),
         3: ("3. Manager speed", lambda: asyncio.run(manager_speed(tmpfs_server, repeat))),
         4: (
             "4. Recovery",

@@ -21,6 +21,7 @@ import psycopg
 
 from pytest_exai_sessions.server import default_basedir
 from pytest_exai_sessions.server.cluster import OWNER_LOCK
+from pytest_exai_sessions.server.initdb_cache import CACHE_DIR_PREFIX
 from pytest_exai_sessions.testing.databases import TestDatabases
 
 CLUSTER_PREFIX = "exai-pg-"
@@ -186,6 +187,11 @@ def private_basedir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def left_in(basedir: Path) -> list[Path]:
+    """What is in ``basedir`` besides the initdb cache, which runs keep there on purpose."""
+    return sorted(path for path in basedir.iterdir() if not path.name.startswith(CACHE_DIR_PREFIX))
 
 
 def database_names(dsn: str) -> set[str]:

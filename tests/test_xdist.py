@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_leftovers import Leftovers, databases_besides, read_proc, wait_until_gone
+from pg_leftovers import Leftovers, databases_besides, left_in, read_proc, wait_until_gone
 
 from pytest_exai_sessions.plugin.config import OPTIONS
 from pytest_exai_sessions.server import PostgresServer
@@ -97,7 +97,7 @@ def test_each_worker_has_its_own_server_and_databases(pytester: pytest.Pytester,
     assert all(Path(next(iter(r))).parent == basedir for r in roots.values())
     assert len({f["dbname"] for f in reported}) == 8
     before.assert_clean(roots=[Path(f["root"]) for f in reported])
-    assert list(basedir.iterdir()) == []
+    assert left_in(basedir) == []
 
 
 def test_external_server_names_databases_per_worker(
@@ -148,4 +148,4 @@ def test_zz_dies_holding_a_server(report, exai_pg_server):
     roots = {Path(f["root"]) for f in reported}
     assert len(roots) >= 2  # the killed worker's server, and at least one other
     before.assert_clean(roots=sorted(roots))
-    assert list(basedir.iterdir()) == [], "the killed worker's cluster directory was left behind"
+    assert left_in(basedir) == [], "the killed worker's cluster directory was left behind"

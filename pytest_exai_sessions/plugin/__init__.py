@@ -35,6 +35,8 @@ from .hooks import (
     pytest_configure,
     pytest_report_header,
     pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_testnodedown,
     pytest_unconfigure,
 )
 
@@ -63,6 +65,8 @@ __all__ = [
     "pytest_configure",
     "pytest_report_header",
     "pytest_sessionfinish",
+    "pytest_terminal_summary",
+    "pytest_testnodedown",
     "pytest_unconfigure",
     "session_manager",
     "session_manager_factory",

@@ -15,6 +15,8 @@ import pytest
 
 from ..clock import parse_instant
 from ..db import DSN_ENV
+from ..server.cluster import BASEDIR_ENV
+from ..server.initdb_cache import INITDB_CACHE_DIR_ENV
 from ..server.pooler import POOL_MODES, PoolMode
 from ..testing.app_migrations import check_entry
 
@@ -66,7 +68,7 @@ OPTIONS = (
     Option(
         "exai_pg_basedir",
         "directory the temporary cluster is created in",
-        env="EXAI_SESSIONS_PG_BASEDIR",
+        env=BASEDIR_ENV,
         shown_default="/dev/shm when writable with 1 GiB free, else the temp dir",
     ),
     Option(
@@ -89,6 +91,21 @@ OPTIONS = (
         kind="bool",
         default=False,
         shown_default="off: a new cluster every run",
+    ),
+    Option(
+        "exai_initdb_cache",
+        "copy a kept initdb output instead of running initdb: every run still gets a brand-new cluster, "
+        "and no schema is kept (one entry per PostgreSQL binaries, initdb options and OS user)",
+        env="EXAI_SESSIONS_INITDB_CACHE",
+        kind="bool",
+        default=True,
+        shown_default="on",
+    ),
+    Option(
+        "exai_initdb_cache_dir",
+        "directory of the initdb cache; keep it on the filesystem of the base directory, so that a copy is fast",
+        env=INITDB_CACHE_DIR_ENV,
+        shown_default="exai-initdb-cache-<uid> in the base directory",
     ),
     Option(
         "exai_migrations",
@@ -149,6 +166,8 @@ class ExaiConfig:
     pg_settings: dict[str, str] = field(default_factory=dict)
     pg_startup_timeout: float = 30.0
     reuse: bool = False
+    initdb_cache: bool = True
+    initdb_cache_dir: Path | None = None  # None: default_cache_dir(the base directory)
     clones_ahead: int = 2
     clock: datetime | None = None
     migrations: tuple[str, ...] = ()  # as given; relative paths resolve against rootdir
@@ -217,6 +236,8 @@ def read_config(config: pytest.Config, environ: dict[str, str]) -> ExaiConfig:
         },
         pg_startup_timeout=_number("--exai-pg-startup-timeout", raw["exai_pg_startup_timeout"], float),
         reuse=_flag("EXAI_SESSIONS_REUSE", raw["exai_reuse"]),
+        initdb_cache=_flag("EXAI_SESSIONS_INITDB_CACHE", raw["exai_initdb_cache"]),
+        initdb_cache_dir=Path(raw["exai_initdb_cache_dir"]) if raw["exai_initdb_cache_dir"] else None,
         clones_ahead=_count("--exai-clones-ahead", raw["exai_clones_ahead"]),
         clock=_instant("--exai-clock", raw["exai_clock"]),
         migrations=_migrations(raw["exai_migrations"], config.rootpath),

@@ -34,6 +34,7 @@ from ..testing.db_clock import DbClock
 from ..testing.template_schema import TemplateSchema
 from .hooks import config_of
 from .templates import DECLARED, template_databases
+from .timings import timings_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 M = TypeVar("M", bound=SessionManager)
@@ -85,11 +86,12 @@ def database(
 
 
 def _clone_fixture(source: str, databases_of: Callable[[dict[str, Any]], TestDatabases], *more: str) -> Any:
-    @_requesting(source, "exai_pooler", *more)
+    @_requesting(source, "exai_pooler", "pytestconfig", *more)
     def fixture(**fixtures: Any) -> Iterator[str]:
         """DSN of a fresh database cloned from its template for this test, dropped afterwards."""
         databases = databases_of(fixtures)
-        dbname = databases.create_clone()
+        with timings_of(fixtures["pytestconfig"]).measure("first clone"):
+            dbname = databases.create_clone()
         try:
             yield dsn_of(databases, fixtures["exai_pooler"], dbname)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -28,6 +29,7 @@ from .config import ExaiConfig
 from .hooks import MANAGER_OPTIONS, MARKER, config_of
 from .servers import ServerUnavailable, server_kind, start_server
 from .templates import Templates, fail_and_stop, main_schema, template_databases
+from .timings import timings_of
 
 
 def _fail(message: str) -> NoReturn:
@@ -45,8 +47,10 @@ def exai_pg_server(exai_config: ExaiConfig, request: pytest.FixtureRequest) -> I
     """The running PostgreSQL server (host, port, user, version): temporary, or external with --exai-dsn."""
     failure: str | None = None
     broken: MigrationError | None = None
+    started = time.perf_counter()
     try:
         server = start_server(exai_config)
+        _record_server_phases(request.config, server, time.perf_counter() - started, exai_config)
     except ServerUnavailable as error:
         failure = str(error)
     except MigrationError as error:  # --exai-reuse builds the templates as it starts the server
@@ -61,10 +65,26 @@ def exai_pg_server(exai_config: ExaiConfig, request: pytest.FixtureRequest) -> I
         server.stop()
 
 
+def _record_server_phases(config: pytest.Config, server: PostgresServer, seconds: float, exai: ExaiConfig) -> None:
+    timings = timings_of(config)
+    if not isinstance(server, TemporaryPostgres) or not server.setup_timings:
+        timings.record("server", seconds, "external: --exai-dsn")
+        return
+    cluster, start = server.setup_timings["cluster"], server.setup_timings["start"]
+    timings.record("cluster", cluster, server.cluster_source)
+    timings.record("start", start)
+    if server_kind(exai) == "cached":  # also the check of its cache (and a rebuild)
+        timings.record("--exai-reuse cache", seconds - cluster - start)
+
+
 @pytest.fixture(scope="session")
-def exai_templates(exai_pg_server: PostgresServer, exai_config: ExaiConfig) -> Iterator[Templates]:
+def exai_templates(
+    exai_pg_server: PostgresServer, exai_config: ExaiConfig, pytestconfig: pytest.Config
+) -> Iterator[Templates]:
     """The run's template databases, one per schema (the plugin's and each factory's), dropped at the end."""
-    templates = Templates(exai_pg_server, exai_config, cached=server_kind(exai_config) == "cached")
+    templates = Templates(
+        exai_pg_server, exai_config, cached=server_kind(exai_config) == "cached", timings=timings_of(pytestconfig)
+    )
     try:
         yield templates
     finally:
@@ -114,7 +134,8 @@ def exai_pooler(exai_config: ExaiConfig, request: pytest.FixtureRequest) -> Iter
     server: PostgresServer = request.getfixturevalue("exai_pg_server")
     failure: str | None = None
     try:
-        pooler = _start_pooler(server, exai_config, exai_config.pooler, find_pgbouncer())
+        with timings_of(request.config).measure("pooler", f"PgBouncer, {exai_config.pooler} mode"):
+            pooler = _start_pooler(server, exai_config, exai_config.pooler, find_pgbouncer())
     except (PoolerNotFound, PoolerStartError, ServerStartError) as error:
         failure = f"--exai-pooler={exai_config.pooler}: {type(error).__name__}: {error}"
     if failure is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,6 +21,7 @@ from ..testing.recovery import compare_snapshots
 from .config import ExaiConfig, add_options, read_config
 from .servers import describe_pooler, describe_setup
 from .templates import DECLARED
+from .timings import received_from_worker, send_to_controller, summary_lines
 
 MARKER = "exai_sessions"
 # The keyword options of SessionManager that a test may set through the marker.
@@ -102,12 +104,30 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     sweep_stale_clusters. With --exai-dsn there are none of ours, unless a pooler ran.
     """
     if hasattr(session.config, "workerinput"):
+        send_to_controller(session.config)
         return
     exai = session.config.stash.get(_CONFIG_KEY, None)
     if exai is None or (exai.dsn and exai.pooler is None):
         return
     basedir = exai.pg_basedir or default_basedir()
     sweep_stale_clusters(basedir)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist's: a worker finished; keep the setup phases it reports."""
+    received_from_worker(node.config, node.gateway.id, getattr(node, "workeroutput", {}))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """With -v: what the first test's setup waited for (cluster, start, schema, first clone)."""
+    if config.getoption("verbose") < 1:
+        return
+    lines = summary_lines(config)
+    if lines:
+        terminalreporter.section("exai-sessions setup")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_assertrepr_compare(config: pytest.Config, op: str, left: object, right: object) -> list[str] | None:

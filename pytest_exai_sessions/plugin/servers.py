@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import getpass
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from psycopg.conninfo import conninfo_to_dict
@@ -18,16 +19,19 @@ from ..models import utc_now
 from ..schema import load_migrations
 from ..server import (
     ExternalPostgres,
+    InitdbCache,
+    InitdbCacheError,
     PostgresNotFound,
     PostgresServer,
     TemporaryPostgres,
     default_basedir,
+    default_cache_dir,
     find_bindir,
     server_os_user,
 )
 from ..server.binaries import is_embedded, server_version
 from ..server.cache import ClusterCache, cached_template_name
-from ..server.cluster import is_tmpfs, temporary_server_supported
+from ..server.cluster import OsUser, cluster_initdb_key, is_tmpfs, temporary_server_supported
 from ..server.pooler import PoolerNotFound, find_pgbouncer, pgbouncer_version
 from ..testing.databases import TestDatabases
 from ..testing.template_schema import ResolvedSchema
@@ -59,6 +63,7 @@ def start_server(exai: ExaiConfig) -> PostgresServer:
             raise ServerUnavailable(str(error)) from None
     try:
         bindir, os_user = find_bindir(exai.pg_bin), server_os_user(exai.pg_os_user)
+        initdb_cache = initdb_cache_of(exai)
 
         def make_server() -> TemporaryPostgres:
             return TemporaryPostgres(
@@ -69,6 +74,7 @@ def start_server(exai: ExaiConfig) -> PostgresServer:
                 port=exai.pg_port,
                 settings=exai.pg_settings,
                 startup_timeout=exai.pg_startup_timeout,
+                initdb_cache=initdb_cache,
             )
 
         if kind == "temporary":
@@ -80,6 +86,13 @@ def start_server(exai: ExaiConfig) -> PostgresServer:
         raise  # the schema's fault, not the server's: reported as such
     except ExaiSessionsError as error:
         raise ServerUnavailable(f"{type(error).__name__}: {error}") from None
+
+
+def initdb_cache_of(exai: ExaiConfig) -> InitdbCache | None:
+    """The run's initdb cache; None when turned off."""
+    if not exai.initdb_cache:
+        return None
+    return InitdbCache(exai.initdb_cache_dir or default_cache_dir(exai.pg_basedir or default_basedir()))
 
 
 def _build_cached_templates(
@@ -119,10 +132,26 @@ def describe_setup(exai: ExaiConfig) -> str:
     except ExaiSessionsError:
         os_user = None
     user = os_user.name if os_user is not None else getpass.getuser()
+    version = server_version(bindir)
     return (
-        f"exai-sessions: PostgreSQL {server_version(bindir)} ({source}, {bindir}), temporary server in "
-        f"{basedir} ({disk}) as OS user {user}, {schema}"
+        f"exai-sessions: PostgreSQL {version} ({source}, {bindir}), temporary server in "
+        f"{basedir} ({disk}) as OS user {user}, {_describe_initdb_cache(exai, bindir, os_user)}, {schema}"
     )
+
+
+def _describe_initdb_cache(exai: ExaiConfig, bindir: Path, os_user: OsUser | None) -> str:
+    """Whether the cluster will be a copy of a kept initdb output: warm, cold (built now) or off."""
+    if server_kind(exai) == "cached":
+        return "cluster from the --exai-reuse cache when it is valid"
+    cache = initdb_cache_of(exai)
+    if cache is None:
+        return "initdb cache off (initdb runs)"
+    try:
+        warm = cache.has(cluster_initdb_key(bindir, os_user))
+    except (InitdbCacheError, OSError) as error:
+        return f"initdb cache unusable ({error})"
+    state = "warm: the cluster is a copy" if warm else "cold: initdb runs once and is kept"
+    return f"initdb cache {state} ({cache.directory})"
 
 
 def describe_pooler(exai: ExaiConfig) -> str | None:

@@ -9,6 +9,7 @@ own key.
 
 from __future__ import annotations
 
+import time
 from typing import NoReturn
 
 import psycopg
@@ -20,6 +21,7 @@ from ..server.cache import cached_template_name
 from ..testing.databases import TestDatabases
 from ..testing.template_schema import ResolvedSchema, TemplateSchema
 from .config import ExaiConfig
+from .timings import SetupTimings
 
 # Schemas the factories declared in this process; emptied when a run ends (pytester's inline runs).
 DECLARED: list[TemplateSchema] = []
@@ -41,11 +43,17 @@ def every_schema(exai: ExaiConfig) -> list[ResolvedSchema]:
 class Templates:
     """The ``TestDatabases`` of each schema on one server, made when first asked for."""
 
-    def __init__(self, server: PostgresServer, exai: ExaiConfig, *, cached: bool) -> None:
-        """``cached``: the server runs from the cached cluster, where templates are named after their keys."""
+    def __init__(
+        self, server: PostgresServer, exai: ExaiConfig, *, cached: bool, timings: SetupTimings | None = None
+    ) -> None:
+        """``cached``: the server runs from the cached cluster, where templates are named after their keys.
+
+        ``timings``: where the first template's build is recorded (as "schema").
+        """
         self.server = server
         self.exai = exai
         self.cached = cached
+        self.timings = timings or SetupTimings()
         self._by_key: dict[str, TestDatabases] = {}
         self._resolved: dict[TemplateSchema, ResolvedSchema] = {}
 
@@ -68,7 +76,10 @@ class Templates:
                 ahead=self.exai.clones_ahead,
                 clock_start=self.exai.clock,
             )
+            started = time.perf_counter()
             databases.create_template()
+            found = "found in the --exai-reuse cache" if databases.template_exists else None
+            self.timings.record("schema", time.perf_counter() - started, found)
             self._by_key[resolved.key] = databases
         return self._by_key[resolved.key]
 

@@ -6,6 +6,7 @@ System installs first; then the PostgreSQL 18 binaries of the ``embedded-postgre
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -50,6 +51,13 @@ def _from_pg_config() -> Path | None:
     pg_config = shutil.which("pg_config")
     if pg_config is None:
         return None
+    info = os.stat(pg_config)
+    return _ask_pg_config(pg_config, info.st_mtime_ns, info.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _ask_pg_config(pg_config: str, mtime_ns: int, inode: int) -> Path | None:
+    """``pg_config --bindir``, once per process and pg_config (on Debian a script that looks for the newest)."""
     try:
         result = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
@@ -142,9 +150,14 @@ def find_bindir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def server_version(bindir: Path) -> str:
-    """The version the ``postgres`` binary reports, e.g. ``15.18``."""
-    result = subprocess.run(
-        [str(bindir / "postgres"), "--version"], capture_output=True, text=True, timeout=10, check=True
-    )
+    """The version the ``postgres`` binary reports, e.g. ``15.18`` (asked once per process and binary)."""
+    binary = (bindir / "postgres").resolve()
+    info = binary.stat()
+    return _ask_version(str(binary), info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _ask_version(binary: str, size: int, mtime_ns: int, inode: int) -> str:
+    result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True)
     match = re.search(r"\(PostgreSQL\)\s+(\S+)", result.stdout)
     return match.group(1) if match else result.stdout.strip()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import random
 import shutil
@@ -27,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import psycopg
-
 from ..db import DSN_ENV
 from ..errors import ExaiSessionsError
 from .binaries import is_embedded, server_version
 from .connection import make_dsn
+from .initdb_cache import InitdbCache, initdb_key
 
 # Test-friendly settings. fsync and full_page_writes only matter when the machine
 # loses power; synchronous_commit must stay on, or a killed server loses commits it
@@ -60,7 +60,28 @@ _TCP_PORT_RANGE = (15000, 32767)
 _SOCKET_PATH_MAX = 107  # sun_path on Linux, minus the terminating NUL
 _UNIX_SOCKET_PORT = 5432  # only names the socket file in our private directory
 CLUSTER_PREFIX = "exai-pg-"
+BASEDIR_ENV = "EXAI_SESSIONS_PG_BASEDIR"  # the plugin's option, and the CLI's default
 OWNER_LOCK = "owner.lock"
+
+# Where a started cluster's data directory came from (TemporaryPostgres.cluster_source).
+FROM_INITDB = "initdb"
+FROM_INITDB_CACHE_BUILT = "initdb, kept in the initdb cache for the next runs"
+FROM_INITDB_CACHE = "copied from the initdb cache"
+FROM_INITDB_CACHE_BROKEN = "initdb: the initdb cache's copy did not start (the entry is removed, rebuilt next run)"
+FROM_SEED = "copied from the --exai-reuse cache"
+
+
+def initdb_options(superuser: str) -> list[str]:
+    """Everything initdb is given but the data directory: with the binaries and user, all its output depends on."""
+    return [
+        "--username", superuser,
+        "--auth", "trust",
+        "--encoding", "UTF8",
+        "--locale", "C",
+        "--no-sync",
+        # initdb writes a whole zeroed WAL segment; 1 MB instead of 16 shortens every cold start.
+        "--wal-segsize", "1",
+    ]  # fmt: skip
 
 
 class ServerStartError(ExaiSessionsError):
@@ -96,6 +117,25 @@ def _require_posix() -> None:
             f"directories with {' and '.join(_POSIX_MODULES)}), which this platform is not; point the plugin at "
             f"an existing server instead: --exai-dsn (or {DSN_ENV})"
         )
+
+
+def _current_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return str(os.geteuid())
+
+
+def cluster_initdb_key(bindir: Path, os_user: OsUser | None, superuser: str = "postgres") -> str:
+    """The initdb cache's key of a cluster of these binaries, run as ``os_user`` (None: this process's user)."""
+    return initdb_key(
+        bindir=bindir,
+        arguments=initdb_options(superuser),
+        os_user=os_user.name if os_user is not None else _current_user(),
+        uid=os_user.uid if os_user is not None else os.geteuid(),
+    )
 
 
 def server_os_user(name: str | None) -> OsUser | None:
@@ -248,7 +288,9 @@ class TemporaryPostgres:
         port: int | None = None,
         settings: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
+        initdb_cache: InitdbCache | None = None,
     ) -> None:
+        """``initdb_cache``: copy a kept initdb output instead of running initdb (None: run it every time)."""
         _require_posix()
         self.bindir = bindir
         self.basedir = basedir or default_basedir()
@@ -260,13 +302,21 @@ class TemporaryPostgres:
         self.requested_port = port
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.startup_timeout = startup_timeout
-        self.version = server_version(bindir)
         self.embedded = is_embedded(bindir)
         self.root: Path | None = None
         self.port = port or _UNIX_SOCKET_PORT
         self._process: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
         self._source_bindir = bindir
+        self.initdb_cache = initdb_cache
+        self.cluster_source: str | None = None  # one of the FROM_* above, once started
+        # Seconds of the last start's phases: "cluster" (initdb or a copy) and "start" (until it accepts connections).
+        self.setup_timings: dict[str, float] = {}
+
+    @functools.cached_property
+    def version(self) -> str:
+        """What ``postgres --version`` says, e.g. ``15.18``; asked when first needed (it costs a process)."""
+        return server_version(self._source_bindir)
 
     # where things are
 
@@ -327,15 +377,57 @@ class TemporaryPostgres:
                 os.chown(self.root, self.os_user.uid, self.os_user.gid)
                 if self.embedded:
                     self.bindir = self._copy_embedded()
-            if seed is None:
-                self._initdb()
-            else:
-                self._copy_data_directory(seed)
-            self._launch()
+            started = time.perf_counter()
+            self._create_cluster(seed)
+            launched = time.perf_counter()
+            try:
+                self._launch()
+            except ServerStartError:
+                if self.cluster_source != FROM_INITDB_CACHE:
+                    raise  # initdb's own output: a retry would fail alike
+                self._start_without_the_cached_copy()
+            self.setup_timings = {"cluster": launched - started, "start": time.perf_counter() - launched}
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _create_cluster(self, seed: Path | None) -> None:
+        if seed is not None:
+            self._copy_data_directory(seed)
+            self.cluster_source = FROM_SEED
+        elif self.initdb_cache is None:
+            self._initdb(self.datadir)
+            self.cluster_source = FROM_INITDB
+        else:
+            provided = self.initdb_cache.provide(
+                self._initdb_key(),
+                self.datadir,
+                build=self._initdb,
+                run_as={k: v for k, v in self._as_server_user().items() if k != "cwd"},
+                description={
+                    "version": self.version,
+                    "bindir": str(self._source_bindir),
+                    "os_user": self.os_user.name if self.os_user is not None else _current_user(),
+                },
+            )
+            self.cluster_source = FROM_INITDB_CACHE if provided == "copied" else FROM_INITDB_CACHE_BUILT
+
+    def _initdb_key(self) -> str:
+        return cluster_initdb_key(self._source_bindir, self.os_user, self.user)
+
+    def _start_without_the_cached_copy(self) -> None:
+        """A copy the manifest found intact did not start: try initdb's own output before blaming the cache.
+
+        If that starts, the entry was broken and goes (the next run builds it again); if it
+        does not, the cause is elsewhere (a setting, a port) and the entry is kept.
+        """
+        assert self.initdb_cache is not None
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        self._initdb(self.datadir)
+        self._launch()
+        self.initdb_cache.discard(self._initdb_key())
+        self.cluster_source = FROM_INITDB_CACHE_BROKEN
 
     def _copy_data_directory(self, seed: Path) -> None:
         # Copied by the server's user, so the copy is theirs with the modes PostgreSQL demands.
@@ -376,18 +468,8 @@ class TemporaryPostgres:
             shutil.copytree(bundled, target_site / bundled.name, symlinks=True)
         return target / "bin"
 
-    def _initdb(self) -> None:
-        command = [
-            str(self.bindir / "initdb"),
-            "--pgdata", str(self.datadir),
-            "--username", self.user,
-            "--auth", "trust",
-            "--encoding", "UTF8",
-            "--locale", "C",
-            "--no-sync",
-            # initdb writes a whole zeroed WAL segment; 1 MB instead of 16 shortens every cold start.
-            "--wal-segsize", "1",
-        ]  # fmt: skip
+    def _initdb(self, datadir: Path) -> None:
+        command = [str(self.bindir / "initdb"), "--pgdata", str(datadir), *initdb_options(self.user)]
         with open(self.log_path, "ab") as log:
             try:
                 result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._as_server_user())
@@ -447,26 +529,33 @@ class TemporaryPostgres:
         return options
 
     def _wait_until_ready(self) -> None:
+        """Wait as pg_ctl does: until our postmaster marks its lock file ready, polled every 2 ms.
+
+        No connection attempts: on a port that turned out to be taken a TCP probe would reach
+        whoever holds it, and each attempt costs more than reading the file.
+        """
         assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
-        while True:
+        while not self._marked_ready():
             if self._process.poll() is not None:
                 raise ServerStartError(
                     f"postgres exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
                 )
-            try:
-                # Through our own socket, never TCP: on a port that turned out to be taken, a TCP
-                # probe reaches whoever holds it (another PostgreSQL answers, and the failed start
-                # passed as ready), or hangs for connect_timeout on a silent listener.
-                with psycopg.connect(self._socket_dsn(), connect_timeout=2):
-                    return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise ServerStartError(
-                        f"postgres did not accept connections within {self.startup_timeout}s:\n{self.log_tail()}"
-                    ) from None
-                time.sleep(0.01)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ServerStartError(
+                    f"postgres did not accept connections within {self.startup_timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.002)
+
+    def _marked_ready(self) -> bool:
+        """postmaster.pid names our postmaster (not a killed one's leftover) and says "ready" (line 8)."""
+        assert self._process is not None
+        try:
+            lines = (self.datadir / "postmaster.pid").read_text().split("\n")
+        except OSError:  # not written yet
+            return False
+        return len(lines) > 7 and lines[0].strip() == str(self._process.pid) and lines[7].strip() == "ready"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the postmaster (SIGKILL by default) and reap it; the data directory stays.
