@@ -88,16 +88,15 @@ class Bench:
         self.env = {"PATH": "/usr/bin:/bin", "HOME": str(self.root), "LANG": "C.UTF-8"}
 
     def as_user(self, command: list[str], **options: object) -> subprocess.CompletedProcess[str]:
+        settings: dict[str, object] = {"env": self.env, "cwd": self.root, **options}
         return subprocess.run(
             command,
             user=self.user.pw_uid,
             group=self.user.pw_gid,
             extra_groups=[],
-            env=self.env,
-            cwd=self.root,
             text=True,
             check=True,
-            **options,  # type: ignore[arg-type]
+            **settings,  # type: ignore[arg-type]
         )
 
     def install(self) -> None:
@@ -206,18 +205,18 @@ def measure(rounds: int) -> tuple[str, dict[str, Variant]]:
                 PYTEST_POSTGRESQL, [*no_ours, f"--postgresql-exec={pg_ctl}", f"--basetemp={tmpfs / 'basetemp'}"]
             ),
             "ours, cache warm (unprivileged)": Variant(
-                OURS, [*no_theirs, "-v", f"--exai-initdb-cache-dir={user_cache}"]
+                OURS, [*no_theirs, "-vv", f"--exai-initdb-cache-dir={user_cache}"]
             ),
             "ours, cache cold (unprivileged)": Variant(
-                OURS, [*no_theirs, "-v", f"--exai-initdb-cache-dir={cold_cache}"], before_each=empty_cold_cache
+                OURS, [*no_theirs, "-vv", f"--exai-initdb-cache-dir={cold_cache}"], before_each=empty_cold_cache
             ),
-            "ours, cache off (unprivileged)": Variant(OURS, [*no_theirs, "-v", "--exai-no-initdb-cache"]),
+            "ours, cache off (unprivileged)": Variant(OURS, [*no_theirs, "-vv", "--exai-no-initdb-cache"]),
             "ours, cache warm (root)": Variant(
-                OURS, [*no_theirs, "-v", f"--exai-initdb-cache-dir={root_cache}"], as_root=True
+                OURS, [*no_theirs, "-vv", f"--exai-initdb-cache-dir={root_cache}"], as_root=True
             ),
             "ours, cache cold (root)": Variant(
                 OURS,
-                [*no_theirs, "-v", f"--exai-initdb-cache-dir={cold_cache}"],
+                [*no_theirs, "-vv", f"--exai-initdb-cache-dir={cold_cache}"],
                 as_root=True,
                 before_each=empty_cold_cache,
             ),

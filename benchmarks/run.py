@@ -54,7 +54,8 @@ refuses root). The first-test setup is the setup duration pytest reports for the
 shows, session fixtures included); the whole process is its wall time. Each run disables the other \
 project's plugin. One untimed run of each variant, then the variants take turns in each round; a ratio is \
 the median of the per-round ratios. Cold: the cache directory is emptied before each run; warm: a cache \
-directory of its own, filled by the untimed run. Phases are the plugin's `-v` summary. 3. 30 alternating blocks of \
+directory of its own, filled by the untimed run. Phases are the plugin's summary (ours runs `-q -vv`: \
+net `-v`). 3. 30 alternating blocks of \
 200 calls; a ratio is the median of the per-block ratios. The target's baseline is the raw upsert, \
 as the issue states; the plain UPDATE is shown as a stricter one. A get is compared with a raw \
 psycopg `SELECT` of the same columns by `session_id` on one autocommit connection (the raw \

@@ -133,8 +133,11 @@ class InitdbCache:
         owns what is unpacked. ``description`` is stored with the entry for listings.
         Returns whether an existing entry was unpacked or one was built now. A build or an
         unpacking that fails raises ``InitdbCacheError``, or the build's own error, and
-        publishes nothing; ``target`` is then absent.
+        publishes nothing; ``target`` is then absent. The caller keeps ``target`` on the cache's
+        filesystem: a build moves initdb's output there instead of unpacking its archive.
         """
+        if target.name != "data":
+            raise ValueError(f"the data directory to create must be named 'data', got {target}")
         broken: list[int] | None = None
         with self._locked(exclusive=False):
             ready = self._valid_ready(key)
@@ -147,10 +150,8 @@ class InitdbCache:
             # Another run may have built it while this one waited; not the one that just failed.
             if ready is not None and ready["archive"] != broken and self._unpack(key, target, run_as):
                 return "copied"
-            self._build(key, build, run_as or {}, description or {})
+            self._build(key, build, run_as or {}, description or {}, target)
             self._prune(keep_also=key)
-            if not self._unpack(key, target, run_as):
-                raise InitdbCacheError(f"the initdb cache entry {self.directory / key} just built does not unpack")
             return "built"
 
     def discard(self, key: str) -> None:
@@ -265,8 +266,6 @@ class InitdbCache:
 
     def _unpack(self, key: str, target: Path, run_as: Mapping[str, Any] | None) -> bool:
         """Unpack the entry's archive into ``target`` as the server's user; False (and no ``target``) if it fails."""
-        if target.name != "data":
-            raise ValueError(f"the data directory to unpack into must be named 'data', got {target}")
         # Its one member is the directory "data", with initdb's mode (0700) and files.
         command = [_tar(), "-x", "-p", "-f", str(self.directory / key / _ARCHIVE), "-C", str(target.parent)]
         if _run(command, run_as, cwd=target.parent) is not None or not (target / "PG_VERSION").is_file():
@@ -277,8 +276,14 @@ class InitdbCache:
         return True
 
     def _build(
-        self, key: str, build: Callable[[Path], None], run_as: Mapping[str, Any], description: Mapping[str, Any]
+        self,
+        key: str,
+        build: Callable[[Path], None],
+        run_as: Mapping[str, Any],
+        description: Mapping[str, Any],
+        target: Path,
     ) -> None:
+        """Run initdb, archive its output as the entry, move the output itself to ``target`` (no unpacking)."""
         self._remove(self.directory / key)  # whatever is there is not valid
         for stale in self.directory.glob(f"{_BUILDING_PREFIX}*"):
             self._remove(stale)  # a build that died half-way (we hold the lock: none is running)
@@ -290,7 +295,7 @@ class InitdbCache:
             failure = _run([_tar(), "-c", "-f", _ARCHIVE, "data"], run_as, cwd=building)
             if failure is not None:
                 raise InitdbCacheError(f"could not archive the initdb output in {building}: {failure}")
-            shutil.rmtree(building / "data")
+            (building / "data").rename(target)  # the same filesystem: a rename, no copy
             ready = {
                 "format": _FORMAT,
                 "key": key,
