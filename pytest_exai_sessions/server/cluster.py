@@ -347,10 +347,6 @@ class TemporaryPostgres:
     def dsn(self, dbname: str | None = None) -> str:
         return make_dsn(host=self.host, port=self.port, user=self.user, dbname=dbname or self.dbname)
 
-    def _socket_dsn(self) -> str:
-        """The unix socket in our private directory: it exists in TCP mode too, and is ours alone."""
-        return make_dsn(host=str(self.socket_dir), port=self.port, user=self.user, dbname=self.dbname)
-
     def _require_root(self) -> Path:
         if self.root is None:
             raise ServerStartError("the server has not been started")
@@ -417,7 +413,7 @@ class TemporaryPostgres:
         return cluster_initdb_key(self._source_bindir, self.os_user, self.user)
 
     def _start_without_the_cached_copy(self) -> None:
-        """A copy the manifest found intact did not start: try initdb's own output before blaming the cache.
+        """A copy whose archive looked intact did not start: try initdb's own output before blaming the cache.
 
         If that starts, the entry was broken and goes (the next run builds it again); if it
         does not, the cause is elsewhere (a setting, a port) and the entry is kept.

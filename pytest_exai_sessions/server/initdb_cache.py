@@ -131,10 +131,11 @@ class InitdbCache:
         ``build(datadir)`` runs initdb into ``datadir``, which does not exist yet. ``run_as``:
         the ``subprocess`` options (user, group) of the server's OS user, who runs initdb and
         owns what is unpacked. ``description`` is stored with the entry for listings.
-        Returns whether an existing entry was unpacked or one was built now. A build or an
-        unpacking that fails raises ``InitdbCacheError``, or the build's own error, and
-        publishes nothing; ``target`` is then absent. The caller keeps ``target`` on the cache's
-        filesystem: a build moves initdb's output there instead of unpacking its archive.
+        Returns whether an existing entry was unpacked or one was built now. An entry that
+        does not unpack is built again. A build that fails raises its own error (or
+        ``InitdbCacheError``) and publishes nothing; ``target`` is then absent. The caller keeps
+        ``target`` on the cache's filesystem: a build moves initdb's output there instead of
+        unpacking the archive it just wrote.
         """
         if target.name != "data":
             raise ValueError(f"the data directory to create must be named 'data', got {target}")
