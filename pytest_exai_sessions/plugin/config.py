@@ -94,7 +94,7 @@ OPTIONS = (
     ),
     Option(
         "exai_initdb_cache",
-        "copy a kept initdb output instead of running initdb: every run still gets a brand-new cluster, "
+        "copy a kept initdb output instead of running initdb: every run still gets a new cluster of its own, "
         "and no schema is kept (one entry per PostgreSQL binaries, initdb options and OS user)",
         env="EXAI_SESSIONS_INITDB_CACHE",
         kind="bool",
@@ -105,7 +105,8 @@ OPTIONS = (
         "exai_initdb_cache_dir",
         "directory of the initdb cache; keep it on the filesystem of the base directory, so that a copy is fast",
         env=INITDB_CACHE_DIR_ENV,
-        shown_default="exai-initdb-cache-<uid> in the base directory",
+        # No hyphenated names in the text: older argparse wraps at their hyphens.
+        shown_default="a directory of the user's own in the base directory",
     ),
     Option(
         "exai_migrations",
