@@ -1,14 +1,10 @@
-"""``exai-sessions migrate|status|maintain``: bring a real database to the current schema and keep it up.
-
-``exai-sessions initdb-cache [--clear]``: list (or remove) the kept initdb outputs of the test servers.
-"""
+"""``exai-sessions migrate|status|maintain``: bring a real database to the current schema and keep it up."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import psycopg
 
@@ -16,8 +12,6 @@ from .db import DSN_ENV
 from .errors import ExaiSessionsError
 from .maintenance import maintain
 from .schema import apply_migrations, load_migrations, migration_status
-from .server.cluster import BASEDIR_ENV, default_basedir
-from .server.initdb_cache import INITDB_CACHE_DIR_ENV, InitdbCache, default_cache_dir, describe_entry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,42 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     commands.choices["migrate"].add_argument(
         "--dry-run", action="store_true", help="print the SQL of pending migrations instead of running it"
     )
-    cache = commands.add_parser("initdb-cache", help="list the test servers' initdb cache, or --clear it")
-    cache.add_argument(
-        "--dir",
-        type=Path,
-        default=None,
-        help=f"the cache directory [env {INITDB_CACHE_DIR_ENV}] (default: exai-initdb-cache-<uid> in the base "
-        f"directory: {BASEDIR_ENV}, else /dev/shm with 1 GiB free, else the temp dir)",
-    )
-    cache.add_argument("--clear", action="store_true", help="remove every entry and the directory")
     return parser
-
-
-def _initdb_cache(args: argparse.Namespace) -> int:
-    directory = args.dir or (Path(os.environ[INITDB_CACHE_DIR_ENV]) if os.environ.get(INITDB_CACHE_DIR_ENV) else None)
-    if directory is None:
-        basedir = Path(os.environ[BASEDIR_ENV]) if os.environ.get(BASEDIR_ENV) else default_basedir()
-        directory = default_cache_dir(basedir)
-    cache = InitdbCache(directory)
-    try:
-        if args.clear:
-            print(f"removed {cache.clear()} entries and {directory}")
-            return 0
-        entries = cache.entries()
-    except ExaiSessionsError as error:
-        print(f"exai-sessions: {error}", file=sys.stderr)
-        return 1
-    print(f"{directory}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
-    for entry in entries:
-        print(describe_entry(entry))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "initdb-cache":
-        return _initdb_cache(args)
     if not args.dsn:
         print(f"exai-sessions: no database given: pass --dsn or set {DSN_ENV}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pytest_exai_sessions.cli import main as cli_main
 from pytest_exai_sessions.server import InitdbCache, InitdbCacheError, TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.binaries import embedded_bindir
 from pytest_exai_sessions.server.cluster import (
@@ -29,6 +28,7 @@ from pytest_exai_sessions.server.cluster import (
     FROM_INITDB_CACHE_BUILT,
     cluster_initdb_key,
 )
+from pytest_exai_sessions.server.initdb_cache_command import main as cache_command
 
 
 def clusters(basedir):
@@ -376,17 +376,17 @@ def test_another_postgresql_version_makes_a_new_entry(make_server):
     )
 
 
-def test_the_cli_lists_and_clears_the_cache(make_server, capsys):
+def test_the_command_lists_and_clears_the_cache(make_server, capsys):
     cache = make_server.cache
     make_server(initdb_cache=cache).start().stop()
     (entry,) = cache.entries()
 
-    assert cli_main(["initdb-cache", "--dir", str(cache.directory)]) == 0
+    assert cache_command(["--dir", str(cache.directory)]) == 0
     out = capsys.readouterr().out
     assert f"{cache.directory}: 1 entry" in out
     assert entry.key in out and f"PostgreSQL {entry.built_from['version']}" in out
 
-    assert cli_main(["initdb-cache", "--dir", str(cache.directory), "--clear"]) == 0
+    assert cache_command(["--dir", str(cache.directory), "--clear"]) == 0
     assert "removed 1 entries" in capsys.readouterr().out
     assert not cache.directory.exists()
 

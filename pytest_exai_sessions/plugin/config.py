@@ -15,8 +15,7 @@ import pytest
 
 from ..clock import parse_instant
 from ..db import DSN_ENV
-from ..server.cluster import BASEDIR_ENV
-from ..server.initdb_cache import INITDB_CACHE_DIR_ENV
+from ..server.initdb_cache import BASEDIR_ENV, INITDB_CACHE_DIR_ENV
 from ..server.pooler import POOL_MODES, PoolMode
 from ..testing.app_migrations import check_entry
 

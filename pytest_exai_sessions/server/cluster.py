@@ -60,7 +60,6 @@ _TCP_PORT_RANGE = (15000, 32767)
 _SOCKET_PATH_MAX = 107  # sun_path on Linux, minus the terminating NUL
 _UNIX_SOCKET_PORT = 5432  # only names the socket file in our private directory
 CLUSTER_PREFIX = "exai-pg-"
-BASEDIR_ENV = "EXAI_SESSIONS_PG_BASEDIR"  # the plugin's option, and the CLI's default
 OWNER_LOCK = "owner.lock"
 
 # Where a started cluster's data directory came from (TemporaryPostgres.cluster_source).

@@ -17,6 +17,8 @@ The cache directory (one per user; by default ``<basedir>/exai-initdb-cache-<uid
 An entry whose archive differs from its ``ready.json`` (missing, resized, rewritten) or does
 not unpack is removed and built again, never used. The directory must be the user's own and writable by
 nobody else: a cache others can write would hand them the next cluster.
+
+``python -m pytest_exai_sessions.server.initdb_cache_command`` lists the entries (or clears them).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any, Literal
 from ..errors import ExaiSessionsError
 
 CACHE_DIR_PREFIX = "exai-initdb-cache-"
-INITDB_CACHE_DIR_ENV = "EXAI_SESSIONS_INITDB_CACHE_DIR"  # the plugin's option, and the CLI's default
+INITDB_CACHE_DIR_ENV = "EXAI_SESSIONS_INITDB_CACHE_DIR"  # the plugin's option, and the command's default
+BASEDIR_ENV = "EXAI_SESSIONS_PG_BASEDIR"  # the plugin's option, and the command's default
 _FORMAT = 1  # bump when the layout of an entry changes
 _BUILDING_PREFIX = "building-"
 _READY = "ready.json"
@@ -99,7 +102,7 @@ def _identity(path: Path) -> list[int]:
 
 @dataclass(frozen=True)
 class Entry:
-    """One kept data directory, as ``exai-sessions initdb-cache`` lists it."""
+    """One kept data directory, as the cache command lists it."""
 
     key: str
     path: Path
@@ -341,7 +344,7 @@ def _run(command: Sequence[str], run_as: Mapping[str, Any] | None, *, cwd: Path)
 
 
 def describe_entry(entry: Entry) -> str:
-    """One line of ``exai-sessions initdb-cache``."""
+    """One line of the cache command's listing."""
     built = entry.built_from
     used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
     return (
