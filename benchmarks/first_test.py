@@ -181,14 +181,14 @@ def median_phases(lines: list[str]) -> list[tuple[str, float, str]]:
 def measure(rounds: int) -> tuple[str, dict[str, Variant]]:
     """Every variant once per round, interleaved; returns the environment line and the variants."""
     bench = Bench()
+    tmpfs = Path(tempfile.mkdtemp(prefix="exai-bench-first-", dir="/dev/shm"))
     try:
+        os.chmod(tmpfs, 0o755)
+        os.chown(tmpfs, bench.user.pw_uid, bench.user.pw_gid)
         bench.install()
         pg_ctl = "/usr/lib/postgresql/15/bin/pg_ctl"
         ours = bench.suite("ours", OURS)
         theirs = bench.suite("theirs", PYTEST_POSTGRESQL)
-        tmpfs = Path(tempfile.mkdtemp(prefix="exai-bench-first-", dir="/dev/shm"))
-        os.chmod(tmpfs, 0o755)
-        os.chown(tmpfs, bench.user.pw_uid, bench.user.pw_gid)
         root_cache, user_cache, cold_cache = tmpfs / "root-cache", tmpfs / "user-cache", tmpfs / "cold-cache"
 
         def empty_cold_cache() -> None:
@@ -227,9 +227,9 @@ def measure(rounds: int) -> tuple[str, dict[str, Variant]]:
         for _ in range(rounds):
             for variant in variants.values():
                 bench.run(theirs if variant.fixture == PYTEST_POSTGRESQL else ours, variant)
-        shutil.rmtree(tmpfs, ignore_errors=True)
         return bench.versions(), variants
     finally:
+        shutil.rmtree(tmpfs, ignore_errors=True)  # also after a failure: caches and pytest-postgresql's basetemp
         bench.close()
 
 
