@@ -26,14 +26,17 @@ class SetupTimings:
     def __init__(self) -> None:
         self.phases: list[tuple[str, float, str | None]] = []
 
+    def recorded(self, phase: str) -> bool:
+        return any(name == phase for name, _, _ in self.phases)
+
     def record(self, phase: str, seconds: float, detail: str | None = None) -> None:
-        if all(name != phase for name, _, _ in self.phases):
+        if not self.recorded(phase):
             self.phases.append((phase, seconds, detail))
 
     @contextmanager
     def measure(self, phase: str, detail: str | None = None) -> Iterator[None]:
         """Record the block's duration as ``phase``, unless that phase has been recorded before."""
-        if any(name == phase for name, _, _ in self.phases):
+        if self.recorded(phase):
             yield
             return
         started = time.perf_counter()
