@@ -196,22 +196,46 @@ def _apply_one(
 
 
 def run_script(conn: psycopg.Connection[Any], script: str, filename: str) -> None:
-    """Run a migration file statement by statement, inside the caller's transaction.
+    """Run a migration file inside the caller's transaction; a failure names its statement and line.
 
-    One statement at a time (as psql does) so that a failure names the statement and its
-    line in the file. Transaction control is refused: the caller's transaction is the file's.
+    The file goes to the server as one query, one round trip however many statements it holds.
+    When it fails, it is rolled back to before the file and run again statement by statement, as
+    psql runs it, to find the statement that fails and its line. Transaction control is refused:
+    the caller's transaction is the file's.
     """
-    for statement in split_statements(script):
+    statements = split_statements(script)
+    for statement in statements:
         first_word = statement.text.split(None, 1)[0].rstrip(";").upper()
         if first_word in _TRANSACTION_CONTROL:
             raise MigrationError(
                 f"{filename}, line {statement.line}: {first_word} is not allowed in a migration: each file "
                 "runs in a transaction of its own, committed after its last statement"
             )
-        try:
-            conn.execute(statement.text.encode(), prepare=False)  # bytes: sent as it is, no parameters
-        except psycopg.Error as error:
-            raise MigrationError(_explain(filename, statement, error)) from error
+    if not statements:
+        return
+    try:
+        with conn.transaction():  # a savepoint, so that the file can be run again to locate a failure
+            conn.execute(script.encode(), prepare=False)  # bytes, no parameters: sent as it is, in one query
+    except psycopg.Error as error:
+        _locate_failure(conn, statements, filename, error)
+
+
+def _locate_failure(
+    conn: psycopg.Connection[Any], statements: list[Statement], filename: str, error: psycopg.Error
+) -> None:
+    """Run the failed file again, statement by statement and rolled back, and raise what fails."""
+    with conn.transaction(force_rollback=True):
+        for statement in statements:
+            try:
+                conn.execute(statement.text.encode(), prepare=False)
+            except psycopg.Error as again:
+                raise MigrationError(_explain(filename, statement, again)) from again
+    # Whatever failed depends on running as one query (a lock or a deadlock, current_query()).
+    raise MigrationError(
+        f"{filename}: {error.diag.message_primary or error}\n"
+        f"  it failed as one query but not statement by statement, so no line can be named\n"
+        f"  {filename} ran in one transaction and was rolled back"
+    ) from error
 
 
 _TRANSACTION_CONTROL = frozenset({"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT"})

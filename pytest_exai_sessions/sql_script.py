@@ -1,8 +1,9 @@
 """Split a PostgreSQL script, such as a migration file, into its statements the way psql does.
 
 Sent as one query, a whole file fails as one: the error names a character position in a text of
-hundreds of lines, if it names one at all. Run one statement at a time instead, and each
-:class:`Statement` knows where it starts in the file, so the error's position becomes a file line.
+hundreds of lines, if it names one at all. Run one statement at a time (the migration runner does
+so with a file that failed), and each :class:`Statement` knows where it starts in the file, so the
+error's position becomes a file line.
 
 The lexer knows only what decides where a statement ends, as psql's does: quotes, comments, dollar
 quotes, parentheses and the BEGIN ... END of SQL-standard function bodies. It checks no syntax;

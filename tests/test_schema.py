@@ -85,6 +85,42 @@ def test_a_failing_migration_names_file_and_line_and_leaves_nothing(empty_dsn, t
         )
 
 
+def test_a_migration_file_reaches_the_server_as_one_query(empty_dsn, tmp_path):
+    script = (
+        "CREATE TABLE public.seen (query text);\n"
+        "INSERT INTO public.seen SELECT current_query();\n"
+        "-- a comment between statements\n"
+        "SELECT 2;\n"
+    )
+    directory = tmp_path / "sql"
+    directory.mkdir()
+    (directory / "001_one_query.sql").write_text(script)
+    with connect(empty_dsn) as conn:
+        apply_migrations(conn, load_migrations(directory))
+        assert conn.execute("SELECT query FROM public.seen").fetchall() == [(script,)]
+
+
+def test_a_file_that_fails_only_as_one_query_is_rolled_back_without_a_line(empty_dsn, tmp_path):
+    """When running it statement by statement cannot repeat the failure, the file's own error is reported."""
+    directory = tmp_path / "sql"
+    directory.mkdir()
+    (directory / "001_whole.sql").write_text(
+        "CREATE TABLE public.half_done (id int);\n"
+        "DO $$ BEGIN IF current_query() LIKE 'CREATE%' THEN RAISE EXCEPTION 'sent as one query'; END IF; END $$;\n"
+    )
+    with connect(empty_dsn) as conn:
+        with pytest.raises(MigrationError) as failure:
+            apply_migrations(conn, load_migrations(directory))
+        assert str(failure.value).splitlines() == [
+            "001_whole.sql: sent as one query",
+            "  it failed as one query but not statement by statement, so no line can be named",
+            "  001_whole.sql ran in one transaction and was rolled back",
+        ]
+        assert isinstance(failure.value.__cause__, psycopg.errors.RaiseException)
+        assert conn.execute("SELECT to_regclass('public.half_done')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM exai_schema.applied_migrations").fetchone() == (0,)
+
+
 def test_bad_file_names_and_duplicate_versions_are_refused(tmp_path):
     (tmp_path / "1_short.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=r"1_short\.sql: migration files must be named NNN_lower_snake_name\.sql"):
