@@ -6,6 +6,7 @@ needs the database raises, chains the driver's error, and leaves memory as it wa
 """
 
 import asyncio
+import re
 
 import psycopg
 import pytest
@@ -75,10 +76,14 @@ def breakage(request):
 
 
 @pytest_asyncio.fixture
-async def manager(exai_dsn, breakage):
+async def manager(exai_dsn, exai_direct_dsn, breakage):
     """A running manager with live sessions "alpha" and "beta", a timed-out one, and a row it has not loaded."""
-    # Revoking privileges shows nothing to a superuser: connect as the API role an application uses.
-    dsn = make_conninfo(exai_dsn, options="-c role=service_role") if breakage == "privileges revoked" else exai_dsn
+    # Revoking privileges shows nothing to a superuser: connect as the API role an application uses, with a
+    # startup option, which a pooler refuses; so that one goes to the server directly.
+    if breakage == "privileges revoked":
+        dsn = make_conninfo(exai_direct_dsn, options="-c role=service_role")
+    else:
+        dsn = exai_dsn
     async with SessionManager.connect(dsn) as manager:
         await manager.ensure("alpha", data={"step": 1})
         await manager.ensure("beta")
@@ -105,9 +110,10 @@ async def test_a_database_error_raises_and_changes_nothing(manager, exai_dsn, br
 @pytest.mark.asyncio
 @pytest.mark.parametrize("breakage", ["connections terminated"])  # overrides the fixture's three breakages
 @pytest.mark.parametrize("operation", OPERATIONS.values(), ids=OPERATIONS.keys())
-async def test_connections_the_server_closed_are_replaced_before_use(manager, exai_dsn, operation):
+async def test_connections_the_server_closed_are_replaced_before_use(manager, exai_direct_dsn, operation):
     """A restart or pg_terminate_backend kills idle pooled connections; no call may fail on one."""
-    await terminate_backends(exai_dsn, manager.store.application_name)
+    # Straight to the server: through a pooler, this statement could run on one of the connections it ends.
+    await terminate_backends(exai_direct_dsn, manager.store.application_name)
 
     await operation(manager)  # succeeds on a new connection
 
@@ -207,16 +213,21 @@ async def test_periodic_cleanup_keeps_its_error_where_callers_can_see_it(session
 
 
 @pytest.mark.asyncio
-async def test_an_outage_raises_within_the_timeout_and_says_why(exai_dsn, exai_pg_server):
+async def test_an_outage_raises_within_the_timeout_and_says_why(exai_dsn, exai_pg_server, exai_pooler):
     dbname = conninfo_to_dict(exai_dsn)["dbname"]
-    maintenance = make_conninfo(exai_dsn, dbname=exai_pg_server.dbname)
+    maintenance = exai_pg_server.dsn()  # past any pooler, which serves only the test databases
     store = await SessionStore.open(exai_dsn, timeout=0.5)
     async with SessionManager(store, close_store=True) as manager:
         await manager.ensure("s1")
         before = manager.live_sessions()
         await execute(maintenance, f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
         try:
-            await terminate_backends(maintenance, store.application_name)
+            # Every connection to the database, not only the store's: a pooler keeps server connections of its own.
+            await execute(
+                maintenance,
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s",
+                (dbname,),
+            )
 
             # The first call finds its connection dead; later ones cannot get a new one.
             errors = []
@@ -226,8 +237,13 @@ async def test_an_outage_raises_within_the_timeout_and_says_why(exai_dsn, exai_p
                 errors.append(str(error.value))
         finally:
             await execute(maintenance, f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+            if exai_pooler is not None:  # it refuses the database's clients until its next server login succeeds
+                await asyncio.to_thread(exai_pooler.wait_until_ready, dbname)
 
-        assert "is not currently accepting connections" in errors[-1]
+        if exai_pooler is None:
+            assert "is not currently accepting connections" in errors[-1]
+        else:  # PgBouncer holds the login while it tries the server's; the store gives up at its timeout
+            assert re.search(r"couldn't get a connection after 0\.50 sec|server login has been failing", errors[-1])
         assert manager.live_sessions() == before
 
 
@@ -251,9 +267,11 @@ async def test_a_statement_the_database_does_not_answer_raises_within_the_deadli
         assert (await manager.update_activity("s1")).request_count == 1  # the statement was cancelled
 
 
-def unreachable(tmp_path, exai_dsn):
+def unreachable(tmp_path, exai_dsn, exai_pooler):
     """DSNs that cannot connect, each with what the error must say about why."""
     dbname = conninfo_to_dict(exai_dsn)["dbname"]
+    # PgBouncer checks the user itself, against its auth file, with words of its own.
+    no_role = "no such user" if exai_pooler is not None else 'role "no_such_role" does not exist'
     return {
         "no server in the socket directory": (
             make_conninfo(host=str(tmp_path), port="5432", user="postgres"),
@@ -269,7 +287,7 @@ def unreachable(tmp_path, exai_dsn):
         ),
         "role does not exist": (
             make_conninfo(exai_dsn, user="no_such_role", password="s3cret-pw"),
-            'role "no_such_role" does not exist',
+            no_role,
         ),
     }
 
@@ -284,8 +302,8 @@ def unreachable(tmp_path, exai_dsn):
         "role does not exist",
     ],
 )
-async def test_a_store_that_cannot_connect_raises_within_its_timeout(tmp_path, exai_dsn, where):
-    dsn, reason = unreachable(tmp_path, exai_dsn)[where]
+async def test_a_store_that_cannot_connect_raises_within_its_timeout(tmp_path, exai_dsn, exai_pooler, where):
+    dsn, reason = unreachable(tmp_path, exai_dsn, exai_pooler)[where]
 
     # wait_for only turns a hang into a failure; the store itself gives up after `timeout`.
     with pytest.raises(PersistenceError, match=r"connecting to .* failed") as error:
