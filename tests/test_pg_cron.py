@@ -12,6 +12,7 @@ PostgreSQL; Debian's package is postgresql-15-cron).
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,6 +180,64 @@ def test_each_jobs_command_does_its_work(supabase_like: SupabaseLikeServer, inst
     assert sorted(set(with_upcoming) - set(after_retention)) == past_retention(with_upcoming, now)
     assert errors == [(1,)]
     assert recent == (1,)
+
+
+def finished_runs(server: SupabaseLikeServer, jobids: list[int]) -> dict[int, tuple[str, str, str, str]]:
+    """jobid -> (status, return_message, database, username) of each job's first finished run, as pg_cron logged it."""
+    with as_superuser(server) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (jobid) jobid, status, return_message, database, username FROM cron.job_run_details"
+            " WHERE jobid = ANY(%s) AND status IN ('succeeded', 'failed') ORDER BY jobid, runid",
+            (jobids,),
+        ).fetchall()
+    return {jobid: (status, message, database, user) for jobid, status, message, database, user in rows}
+
+
+@pytest.mark.slow  # pg_cron 1.4 schedules by the minute: its first run of a job may be a minute away
+def test_pg_cron_itself_runs_every_job_as_its_owner(exai_config: ExaiConfig, basedir: Path) -> None:
+    """pg_cron's scheduler, not the test, runs the three jobs; their effects are those of the commands."""
+    bindir = find_bindir(exai_config.pg_bin)
+    reason = pg_cron_missing(bindir)
+    if reason:
+        pytest.skip(reason)
+    # Background workers: the jobs need no login over a socket; they still run as the job's user.
+    settings = {**PG_CRON_SETTINGS, "cron.use_background_workers": "on"}
+    now = parse_instant("2031-01-15T12:00:00Z")
+    with SupabaseLikeServer(bindir, basedir=basedir, os_user=server_os_user(None), settings=settings) as server:
+        enable_pg_cron(server)
+        with psycopg.connect(owner_dsn(server), autocommit=True) as conn:
+            apply_migrations(conn, as_of=now)
+            conn.execute("SELECT unified.set_clock(%s)", (now,))
+            conn.execute("UPDATE unified.maintenance_settings SET retention_days = 1, months_ahead = 6")
+            insert_event(conn, now, severity="error")
+            before = monthly_partitions(conn)
+            ids = {name: jobid for name, (jobid, *_) in scheduled_jobs(server).items()}
+            jobids = list(ids.values())
+            with as_superuser(server) as admin:  # pg_cron 1.4 grants alter_job to no one else
+                for jobid in jobids:
+                    admin.execute("SELECT cron.alter_job(%s, schedule => '* * * * *')", (jobid,))
+
+            runs: dict[int, tuple[str, str, str, str]] = {}
+            deadline = time.monotonic() + 180  # a wait with a bound, not a timing: three minute ticks
+            while len(runs) < len(jobids) and time.monotonic() < deadline:
+                time.sleep(0.5)
+                runs = finished_runs(server, jobids)
+
+            after = monthly_partitions(conn)
+            errors = conn.execute("SELECT error_count FROM unified.mv_error_summary_7d").fetchall()
+
+    kept = sorted(set(before) | set(upcoming(now, months_ahead=6)))
+    dropped = past_retention(kept, now, days=1)
+    created = set(upcoming(now, months_ahead=6)) - set(before)
+    # pg_cron logs each command's tag: the functions return a row per partition created or dropped.
+    assert runs == {
+        ids["exai-sessions-partitions"]: ("succeeded", f"SELECT {len(created)}", "postgres", OWNER),
+        ids["exai-sessions-retention"]: ("succeeded", f"SELECT {len(dropped)}", "postgres", OWNER),
+        ids["exai-sessions-refresh-views"]: ("succeeded", "SELECT 1", "postgres", OWNER),
+    }
+    assert created and dropped
+    assert after == sorted(set(kept) - set(dropped))
+    assert errors == [(1,)]
 
 
 PLUGIN_TEST = """
