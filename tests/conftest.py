@@ -1,8 +1,10 @@
 import secrets
+from pathlib import Path
 
 import pytest
 from pg_leftovers import private_basedir
 
+from pytest_exai_sessions.server.pooler import PoolerNotFound, find_pgbouncer
 from pytest_exai_sessions.testing.databases import ForcefulJanitor
 
 
@@ -37,3 +39,12 @@ def persistence(request):
 def basedir():
     """A directory of this test's own for clusters, so "nothing left" can be checked exactly."""
     yield from private_basedir()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_binary() -> Path:
+    """The pgbouncer binary the plugin would use; without one the test skips with the install hint."""
+    try:
+        return find_pgbouncer()
+    except PoolerNotFound as error:
+        pytest.skip(str(error))

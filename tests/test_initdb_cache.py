@@ -29,6 +29,7 @@ from pytest_exai_sessions.server.cluster import (
     cluster_initdb_key,
 )
 from pytest_exai_sessions.server.initdb_cache_command import main as cache_command
+from pytest_exai_sessions.testing.supabase import SupabaseLikeServer
 
 
 def clusters(basedir):
@@ -219,6 +220,26 @@ def make_server(basedir):
 def query(server, statement):
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         return conn.execute(statement).fetchone()[0]
+
+
+def test_a_supabase_like_server_has_an_entry_of_its_own_and_is_supabase_like_from_a_copy(make_server, basedir):
+    cache = make_server.cache
+    with make_server(initdb_cache=cache) as plain:
+        assert plain.cluster_source == FROM_INITDB_CACHE_BUILT
+
+    def start():
+        return SupabaseLikeServer(find_bindir(), basedir=basedir, os_user=server_os_user(None), initdb_cache=cache)
+
+    with start() as first:
+        assert first.server.cluster_source == FROM_INITDB_CACHE_BUILT  # its superuser is supabase_admin: another key
+    with start() as second:
+        assert second.server.cluster_source == FROM_INITDB_CACHE
+        with psycopg.connect(second.dsn(), autocommit=True) as conn:
+            roles = conn.execute(
+                "SELECT rolname, rolsuper FROM pg_roles WHERE rolname IN ('postgres', 'supabase_admin') ORDER BY 1"
+            ).fetchall()
+    assert roles == [("postgres", False), ("supabase_admin", True)]
+    assert len(entries_of(cache.directory)) == 2
 
 
 def test_a_server_from_the_cache_is_a_brand_new_cluster_of_its_own(make_server, basedir):

@@ -28,6 +28,7 @@ from pytest_exai_sessions import apply_migrations, load_migrations
 from pytest_exai_sessions.clock import parse_instant
 from pytest_exai_sessions.maintenance import maintain
 from pytest_exai_sessions.plugin.config import ExaiConfig
+from pytest_exai_sessions.plugin.servers import initdb_cache_of
 from pytest_exai_sessions.server import find_bindir, server_os_user
 from pytest_exai_sessions.testing.supabase import POSTGRES as OWNER
 from pytest_exai_sessions.testing.supabase import SupabaseLikeServer
@@ -61,14 +62,27 @@ def pg_cron_missing(bindir: Path) -> str | None:
     return None
 
 
-@pytest.fixture
-def supabase_like(exai_config: ExaiConfig, basedir: Path) -> Iterator[SupabaseLikeServer]:
-    """A Supabase-like server of this test's own, with pg_cron preloaded; removed after it."""
+def pg_cron_server(
+    exai_config: ExaiConfig, basedir: Path, settings: dict[str, str] | None = None
+) -> SupabaseLikeServer:
+    """A Supabase-like server with pg_cron preloaded and ``settings``, not started; skips where there is no pg_cron."""
     bindir = find_bindir(exai_config.pg_bin)
     reason = pg_cron_missing(bindir)
     if reason:
         pytest.skip(reason)
-    with SupabaseLikeServer(bindir, basedir=basedir, os_user=server_os_user(None), settings=PG_CRON_SETTINGS) as server:
+    return SupabaseLikeServer(
+        bindir,
+        basedir=basedir,
+        os_user=server_os_user(None),
+        settings={**PG_CRON_SETTINGS, **(settings or {})},
+        initdb_cache=initdb_cache_of(exai_config),
+    )
+
+
+@pytest.fixture
+def supabase_like(exai_config: ExaiConfig, basedir: Path) -> Iterator[SupabaseLikeServer]:
+    """A Supabase-like server of this test's own, with pg_cron preloaded; removed after it."""
+    with pg_cron_server(exai_config, basedir) as server:
         yield server
 
 
@@ -196,14 +210,9 @@ def finished_runs(server: SupabaseLikeServer, jobids: list[int]) -> dict[int, tu
 @pytest.mark.slow  # pg_cron 1.4 schedules by the minute: its first run of a job may be a minute away
 def test_pg_cron_itself_runs_every_job_as_its_owner(exai_config: ExaiConfig, basedir: Path) -> None:
     """pg_cron's scheduler, not the test, runs the three jobs; their effects are those of the commands."""
-    bindir = find_bindir(exai_config.pg_bin)
-    reason = pg_cron_missing(bindir)
-    if reason:
-        pytest.skip(reason)
-    # Background workers: the jobs need no login over a socket; they still run as the job's user.
-    settings = {**PG_CRON_SETTINGS, "cron.use_background_workers": "on"}
     now = parse_instant("2031-01-15T12:00:00Z")
-    with SupabaseLikeServer(bindir, basedir=basedir, os_user=server_os_user(None), settings=settings) as server:
+    # Background workers: the jobs need no login over a socket; they still run as the job's user.
+    with pg_cron_server(exai_config, basedir, {"cron.use_background_workers": "on"}) as server:
         enable_pg_cron(server)
         with psycopg.connect(owner_dsn(server), autocommit=True) as conn:
             apply_migrations(conn, as_of=now)

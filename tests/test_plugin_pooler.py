@@ -21,9 +21,7 @@ from pytest_exai_sessions.plugin.config import OPTIONS, ExaiConfig
 from pytest_exai_sessions.server import PostgresServer
 from pytest_exai_sessions.server.pooler import (
     PGBOUNCER_ENV,
-    PoolerNotFound,
     PoolMode,
-    find_pgbouncer,
     pgbouncer_version,
 )
 
@@ -94,17 +92,6 @@ def plugin_environment(exai_config: ExaiConfig, monkeypatch: pytest.MonkeyPatch,
     pytester.makepyfile(inner_helpers=HELPERS)
 
 
-def _pgbouncer() -> tuple[Path | None, str]:
-    try:
-        return find_pgbouncer(), ""
-    except PoolerNotFound as error:
-        return None, str(error)
-
-
-PGBOUNCER, NO_PGBOUNCER = _pgbouncer()
-needs_pgbouncer = pytest.mark.skipif(PGBOUNCER is None, reason=NO_PGBOUNCER)
-
-
 def facts(pytester: pytest.Pytester) -> dict[str, dict[str, Any]]:
     """The facts the inner tests reported, by test name (later reports of a test update earlier ones)."""
     path = pytester.path / "facts.jsonl"
@@ -135,7 +122,6 @@ def assert_nothing_left(basedir: Path, *reported: dict[str, Any]) -> None:
 # the option
 
 
-@needs_pgbouncer
 @pytest.mark.parametrize(
     "sources",
     [
@@ -150,7 +136,7 @@ def assert_nothing_left(basedir: Path, *reported: dict[str, Any]) -> None:
     ],
 )
 def test_the_option_from_each_source_and_the_header(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, sources: tuple[str | None, ...]
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, pgbouncer_binary: Path, sources: tuple[str | None, ...]
 ) -> None:
     ini, env, cli, expected = sources
     pytester.makeini(INI + (f"exai_pooler = {ini}\n" if ini is not None else ""))
@@ -183,7 +169,8 @@ def test_the_option_from_each_source_and_the_header(
         result.stdout.fnmatch_lines(
             [
                 "exai-sessions: PostgreSQL *",
-                f"exai-sessions: tests connect through PgBouncer {pgbouncer_version(PGBOUNCER)} ({PGBOUNCER}) in "
+                f"exai-sessions: tests connect through PgBouncer {pgbouncer_version(pgbouncer_binary)} "
+                f"({pgbouncer_binary}) in "
                 f"{expected} pool mode on a private socket (--exai-pooler); templates, clones and drops connect "
                 "directly",
             ]
@@ -257,7 +244,7 @@ def test_without_a_binary_the_option_fails_the_run_once_and_exai_pgbouncer_skips
 # everything through it
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_binary")
 @pytest.mark.parametrize(
     ("mode", "tcp"), [("transaction", False), ("session", True)], ids=["transaction", "session-tcp"]
 )
@@ -368,7 +355,7 @@ def test_every_fixture_connects_through_the_pooler_and_exai_direct_dsn_does_not(
     assert_nothing_left(basedir, every["process"], direct["postmaster"])
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_binary")
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_the_pool_mode_is_the_options(pytester: pytest.Pytester, mode: str) -> None:
     """In transaction mode a client holds a server connection only inside a transaction; in session mode for good."""
@@ -498,7 +485,7 @@ async def test_the_pooler_stays_up_while_the_database_restarts(session_manager, 
 """
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_binary")
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 def test_managers_replicas_children_and_crashes_work_through_the_pooler(
     pytester: pytest.Pytester,
@@ -547,7 +534,7 @@ def test_pooler_crash_helpers_skip_without_a_pooler(pytester: pytest.Pytester) -
 # other servers, xdist, cleanup
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_binary")
 def test_an_external_server_behind_the_pooler(
     pytester: pytest.Pytester, basedir: Path, exai_pg_server: PostgresServer
 ) -> None:
@@ -577,7 +564,7 @@ def test_an_external_server_behind_the_pooler(
         assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (seen["dbname"],)).fetchone() is None
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_binary")
 def test_each_xdist_worker_has_its_own_pooler_in_front_of_its_own_server(
     pytester: pytest.Pytester, basedir: Path
 ) -> None:
@@ -612,7 +599,7 @@ def test_each_xdist_worker_has_its_own_pooler_in_front_of_its_own_server(
     assert_nothing_left(basedir, *(seen["process"] for seen in facts(pytester).values()))
 
 
-@needs_pgbouncer
+@pytest.mark.usefixtures("pgbouncer_binary")
 def test_a_killed_inner_run_takes_its_pooler_with_it_and_the_next_run_removes_its_directory(
     pytester: pytest.Pytester, basedir: Path
 ) -> None:

@@ -20,22 +20,14 @@ from pg_leftovers import read_proc, wait_until_gone
 from pytest_exai_sessions.plugin.config import ExaiConfig
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cluster import OWNER_LOCK, sweep_stale_clusters
-from pytest_exai_sessions.server.pooler import PgBouncer, PoolerNotFound, find_pgbouncer, pooler_at
+from pytest_exai_sessions.server.pooler import PgBouncer, pooler_at
 from pytest_exai_sessions.testing.crash import CrashHarness
 
 AS_ROOT = os.geteuid() == 0
 
 
-@pytest.fixture(scope="module")
-def pgbouncer() -> Path:
-    try:
-        return find_pgbouncer()
-    except PoolerNotFound as error:
-        pytest.skip(str(error))
-
-
 @pytest.fixture
-def server(exai_config: ExaiConfig, basedir: Path, pgbouncer: Path):
+def server(exai_config: ExaiConfig, basedir: Path, pgbouncer_binary: Path):
     with TemporaryPostgres(find_bindir(exai_config.pg_bin), basedir=basedir, os_user=server_os_user(None)) as server:
         yield server
 

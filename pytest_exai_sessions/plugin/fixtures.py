@@ -27,7 +27,7 @@ from ..testing.supabase import SupabaseLikeServer
 from . import factories
 from .config import ExaiConfig
 from .hooks import MANAGER_OPTIONS, MARKER, config_of
-from .servers import ServerUnavailable, server_kind, start_server
+from .servers import ServerUnavailable, initdb_cache_of, server_kind, start_server
 from .templates import Templates, fail_and_stop, main_schema, template_databases
 from .timings import timings_of
 
@@ -385,6 +385,7 @@ def exai_supabase(exai_config: ExaiConfig) -> Iterator[SupabaseLikeServer]:
             listen_tcp=exai_config.pg_tcp,
             settings=exai_config.pg_settings,
             startup_timeout=exai_config.pg_startup_timeout,
+            initdb_cache=initdb_cache_of(exai_config),
         ).start()
     except ExaiSessionsError as error:  # no binaries, no POSIX, no OS user to run them as, or the start failed
         failure = f"no Supabase-like server: {type(error).__name__}: {error}"

@@ -41,6 +41,7 @@ from psycopg import sql
 
 from ..server.cluster import OsUser, TemporaryPostgres
 from ..server.connection import make_dsn
+from ..server.initdb_cache import InitdbCache
 from .rls import ANON, AUTHENTICATED, SERVICE_ROLE
 
 SUPABASE_ADMIN = "supabase_admin"
@@ -243,7 +244,9 @@ class SupabaseLikeServer:
         listen_tcp: bool = False,
         settings: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
+        initdb_cache: InitdbCache | None = None,
     ) -> None:
+        """``initdb_cache``: as for ``TemporaryPostgres``; the superuser is in its key, so this has its own entry."""
         self.server = TemporaryPostgres(
             bindir,
             basedir=basedir,
@@ -252,6 +255,7 @@ class SupabaseLikeServer:
             listen_tcp=listen_tcp,
             settings=settings,
             startup_timeout=startup_timeout,
+            initdb_cache=initdb_cache,
         )
 
     def start(self) -> Self:
