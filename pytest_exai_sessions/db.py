@@ -25,6 +25,7 @@ from psycopg.rows import RowFactory, TupleRow, tuple_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .deadline import Deadline
 from .errors import PersistenceError
 
 # The one environment variable that names the database, for the CLI, compat and the plugin.
@@ -178,6 +179,8 @@ class Database:
         self._pool = self._new_pool()
         # Set when a call could not reach the server; the next call first checks whether it is back.
         self._server_lost = False
+        # Cancel requests of statements past their deadline, still under way (see deadline.py).
+        self._cancelling: set[asyncio.Task[None]] = set()
 
     def _new_pool(self) -> AsyncConnectionPool[_PooledConnection]:
         options = self.pool_options
@@ -270,6 +273,9 @@ class Database:
 
     async def close(self) -> None:
         await self._pool.close()
+        # Each ends within its own timeout. Left to the loop's shutdown, they would be cut short,
+        # which PgBouncer 1.18 was seen to mishandle (a later login got the cancel's reply).
+        await asyncio.gather(*self._cancelling)
 
     async def abandon(self) -> None:
         """Drop the pool without waiting for anything, as a dying process would."""
@@ -285,18 +291,23 @@ class Database:
             await self._reconnect(action)
         # This call's pool: another call may replace self._pool meanwhile (see _reconnect).
         pool = self._pool
+        deadline = Deadline(self.answer_within, self._cancelling)
         try:
-            async with asyncio.timeout(self.answer_within):
+            async with deadline.backstop():
                 conn = await pool.getconn()
+                deadline.watch(conn)
                 try:
                     cursor = conn.row_cursor()
                     await cursor.execute(query, params)
                     row = await cursor.fetchone()
                 finally:
+                    deadline.done()
                     await pool.putconn(conn)
         except TimeoutError as error:
             raise self._no_answer(action) from error
         except psycopg.Error as error:
+            if deadline.passed:
+                raise self._no_answer(action) from error
             if self._stop_preparing_after(error):
                 # One autocommit statement whose Parse or Bind was refused: it did not run.
                 rows = await self._fetch_all(action, query, params, tuple_row)
@@ -329,27 +340,43 @@ class Database:
             return await cursor.fetchall()
 
     @asynccontextmanager
-    async def connection(self, action: str, *, bounded: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever.
+    async def connection(self, action: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever."""
+        async with self._connection(action) as (conn, _):
+            yield conn
 
-        ``bounded=False`` leaves the deadline to the caller (see ``stream``).
+    @asynccontextmanager
+    async def _connection(self, action: str) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], Deadline]]:
+        """``connection``, and its deadline (``stream`` stops it while its consumer has the rows).
+
+        The statement of the connection is cancelled when the deadline is up, and the connection
+        cut off if that does not end it (see ``deadline.py``).
         """
         if self._server_lost:
             await self._reconnect(action)
         pool = self._pool
+        deadline = Deadline(self.answer_within, self._cancelling)
         try:
             with database_errors(action, self._connect_failures):
-                if bounded:
-                    async with self.deadline(action), pool.connection() as conn:
-                        yield conn
-                else:
-                    async with pool.connection() as conn:
-                        yield conn
+                try:
+                    async with deadline.backstop(), pool.connection() as conn:
+                        deadline.watch(conn)
+                        yield conn, deadline
+                except TimeoutError as error:
+                    raise self._no_answer(action) from error
+                except psycopg.Error as error:
+                    if deadline.passed:
+                        raise self._no_answer(action) from error
+                    raise
+                finally:
+                    deadline.done()
         except PersistenceError as error:
             # Inside the caller's block a failed prepared statement cannot be run again here:
-            # the caller gets the error, and the calls after it do not prepare.
-            if isinstance(error.__cause__, psycopg.Error) and not self._stop_preparing_after(error.__cause__):
-                self._note_failure(error.__cause__, pool)
+            # the caller gets the error, and the calls after it do not prepare. A statement
+            # cancelled or cut off at the deadline says nothing of the server.
+            cause = error.__cause__
+            if isinstance(cause, psycopg.Error) and not deadline.passed and not self._stop_preparing_after(cause):
+                self._note_failure(cause, pool)
             raise
 
     async def stream(
@@ -359,19 +386,18 @@ class Database:
         # The deadline applies to each round trip, not to the whole stream: reading 100k rows
         # may take longer than one call may wait, and the consumer's time is its own.
         async with (
-            self.connection(action, bounded=False) as conn,
+            self._connection(action) as (conn, deadline),
             conn.transaction(),
             tuple_cursor(conn.cursor(name="exai_stream", row_factory=tuple_row)) as cur,
         ):
-            async with self.deadline(action):
-                await cur.execute(query, params)
-            while True:
-                async with self.deadline(action):
-                    rows = await cur.fetchmany(batch_size)
-                if not rows:
-                    return
-                for row in rows:
-                    yield row
+            await cur.execute(query, params)
+            while rows := await cur.fetchmany(batch_size):
+                deadline.pause()
+                try:
+                    for row in rows:
+                        yield row
+                finally:
+                    deadline.resume()  # also for what ends the stream: closing the cursor, COMMIT
 
     def _note_failure(self, error: psycopg.Error, pool: AsyncConnectionPool[_PooledConnection]) -> None:
         """After a connection failure, the next call first checks whether the server is back.
@@ -408,15 +434,6 @@ class Database:
             return
         self._pool, self._server_lost = fresh, False
         await lost.close(timeout=0)
-
-    @asynccontextmanager
-    async def deadline(self, action: str) -> AsyncIterator[None]:
-        """Bound what runs inside by ``answer_within``; past it, PersistenceError."""
-        try:
-            async with asyncio.timeout(self.answer_within):
-                yield
-        except TimeoutError as error:
-            raise self._no_answer(action) from error
 
     def _no_answer(self, action: str) -> PersistenceError:
         return PersistenceError(f"{action} failed: the database did not answer within {self.answer_within:g}s")

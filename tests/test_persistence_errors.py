@@ -6,7 +6,10 @@ needs the database raises, chains the driver's error, and leaves memory as it wa
 """
 
 import asyncio
+import os
 import re
+import signal
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -265,6 +268,58 @@ async def test_a_statement_the_database_does_not_answer_raises_within_the_deadli
         assert waited < 5  # the deadline, plus the cancellation of the statement
         assert manager.live_sessions() == before
         assert (await manager.update_activity("s1")).request_count == 1  # the statement was cancelled
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("operation", ["update_activity", "recover_all_sessions"])
+async def test_a_frozen_backend_cannot_hold_a_call_past_its_deadline(exai_dsn, exai_direct_dsn, operation):
+    """A backend that neither answers nor ends its statement on a cancel (stopped, or cut off by the network)."""
+    store = await SessionStore.open(exai_dsn, timeout=0.2, max_size=1)
+    async with SessionManager(store, close_store=True) as manager:
+        await manager.ensure("s1")
+        dbname = conninfo_to_dict(exai_dsn)["dbname"]
+        # Every backend of the database but this one's: behind a pooler, any may serve the next call.
+        async with await psycopg.AsyncConnection.connect(exai_direct_dsn, autocommit=True) as admin:
+            cursor = await admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)
+            )
+            frozen = [pid for (pid,) in await cursor.fetchall()]
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)  # backends of this run's own server
+        try:
+            # psycopg, cancelled, would wait 5 s for the cancel and 5 more for the statement (3.2: for ever).
+            # Behind a pooler the pool may have to open a connection first, which waits for the pool's timeout.
+            with pytest.raises(PersistenceError, match=r"did not answer within 0\.4s|connection after 0\.20 sec"):
+                await asyncio.wait_for(
+                    getattr(manager, operation)(*(["s1"] if operation == "update_activity" else [])), 4
+                )
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+
+        assert await manager.get("s1") is not None  # the pool serves again, on a new connection
+
+
+@pytest.mark.asyncio
+async def test_a_streams_consumer_has_all_the_time_it_takes_and_may_stop_early(exai_dsn):
+    """The deadline bounds each round trip of a stream; while the consumer has the rows, it stands still."""
+    store = await SessionStore.open(exai_dsn, timeout=0.1)  # 0.2 s per round trip
+    async with SessionManager(store, close_store=True) as manager:
+        for number in range(3):
+            await manager.ensure(f"s{number}")
+        now = (await manager.get("s2")).last_activity  # the sessions' own time, not the wall clock's
+        seen = []
+        async for session in store.iter_live(now=now, stale_before=now - timedelta(hours=1), batch_size=1):
+            seen.append(session.session_id)
+            if len(seen) == 1:
+                # Longer than the deadline, the second to end a cancelled statement and the backstop together.
+                await asyncio.sleep(2)
+            if len(seen) == 2:
+                break  # the cursor is closed and the transaction ended under a deadline again
+
+        assert len(set(seen)) == 2 and set(seen) <= {"s0", "s1", "s2"}
+        assert len(await manager.recover_all_sessions()) == 3  # the connection went back to the pool clean
 
 
 def unreachable(tmp_path, exai_dsn, exai_pooler):
