@@ -25,7 +25,7 @@ from psycopg.rows import RowFactory, TupleRow, tuple_row
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .deadline import Deadline
+from .deadline import CANCEL_TIMEOUT, Deadline
 from .errors import PersistenceError
 
 # The one environment variable that names the database, for the CLI, compat and the plugin.
@@ -273,9 +273,11 @@ class Database:
 
     async def close(self) -> None:
         await self._pool.close()
-        # Each ends within its own timeout. Left to the loop's shutdown, they would be cut short,
-        # which PgBouncer 1.18 was seen to mishandle (a later login got the cancel's reply).
-        await asyncio.gather(*self._cancelling)
+        # Left to the loop's shutdown, they would be cut short, which PgBouncer 1.18 was seen to
+        # mishandle (a later login got the cancel's reply). Bounded: with a libpq older than 17,
+        # psycopg sends a cancel from a thread, without a timeout.
+        if self._cancelling:
+            await asyncio.wait(self._cancelling, timeout=CANCEL_TIMEOUT)
 
     async def abandon(self) -> None:
         """Drop the pool without waiting for anything, as a dying process would."""

@@ -24,7 +24,7 @@ from psycopg import pq
 logger = logging.getLogger(__name__)
 
 # psycopg's own bound on a cancel request.
-_CANCEL_TIMEOUT = 5.0
+CANCEL_TIMEOUT = 5.0
 # How long after the deadline a server may take to end a cancelled statement.
 _CONFIRM_WITHIN = 1.0
 # After that, the call itself is cancelled: for what waits on something else than the connection.
@@ -100,6 +100,6 @@ def _cut_off(conn: psycopg.AsyncConnection[Any]) -> None:
 
 async def _cancel(conn: psycopg.AsyncConnection[Any]) -> None:
     try:
-        await conn.cancel_safe(timeout=_CANCEL_TIMEOUT)
+        await conn.cancel_safe(timeout=CANCEL_TIMEOUT)
     except psycopg.Error as error:  # the call fails anyway; this only tells why the server may go on
         logger.warning("the statement past its deadline could not be cancelled on the server: %s", error)
