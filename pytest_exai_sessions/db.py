@@ -303,7 +303,7 @@ class Database:
                     await cursor.execute(query, params)
                     row = await cursor.fetchone()
                 finally:
-                    deadline.done()
+                    await deadline.release(conn)
                     await pool.putconn(conn)
         except TimeoutError as error:
             raise self._no_answer(action) from error
@@ -363,15 +363,16 @@ class Database:
                 try:
                     async with deadline.backstop(), pool.connection() as conn:
                         deadline.watch(conn)
-                        yield conn, deadline
+                        try:
+                            yield conn, deadline
+                        finally:
+                            await deadline.release(conn)
                 except TimeoutError as error:
                     raise self._no_answer(action) from error
                 except psycopg.Error as error:
                     if deadline.passed:
                         raise self._no_answer(action) from error
                     raise
-                finally:
-                    deadline.done()
         except PersistenceError as error:
             # Inside the caller's block a failed prepared statement cannot be run again here:
             # the caller gets the error, and the calls after it do not prepare. A statement

@@ -49,7 +49,7 @@ class Deadline:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._backstop: asyncio.Timeout | None = None
         self._task: asyncio.Task[Any] | None = None
-        self.passed = False  # whether it passed with a watched connection busy
+        self.passed = False  # whether it passed while a connection was watched
 
     def backstop(self) -> asyncio.Timeout:
         """The bound of the whole block, after the connection's: then the call is cancelled."""
@@ -64,6 +64,13 @@ class Deadline:
     def done(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+
+    async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The call is done with ``conn``. Past the deadline it is closed, never reused: a cancel
+        request still on its way would cancel the next call's statement on it."""
+        self.done()
+        if self.passed:
+            await conn.close()
 
     def pause(self) -> None:
         """Stop the clock while the time is not the database's (a stream's consumer has the rows)."""
