@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg import sql
@@ -222,7 +222,7 @@ def run_script(conn: psycopg.Connection[Any], script: str, filename: str) -> Non
 
 def _locate_failure(
     conn: psycopg.Connection[Any], statements: list[Statement], filename: str, error: psycopg.Error
-) -> None:
+) -> NoReturn:
     """Run the failed file again, statement by statement and rolled back, and raise what fails."""
     with conn.transaction(force_rollback=True):
         for statement in statements:
