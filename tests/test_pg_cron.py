@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -196,13 +197,16 @@ def test_each_jobs_command_does_its_work(supabase_like: SupabaseLikeServer, inst
     assert recent == (1,)
 
 
-def finished_runs(server: SupabaseLikeServer, jobids: list[int]) -> dict[int, tuple[str, str, str, str]]:
-    """jobid -> (status, return_message, database, username) of each job's first finished run, as pg_cron logged it."""
+def finished_runs(
+    server: SupabaseLikeServer, jobids: list[int], since: datetime
+) -> dict[int, tuple[str, str, str, str]]:
+    """jobid -> (status, return_message, database, username) of each job's first run started after ``since`` and
+    finished, as pg_cron logged it."""
     with as_superuser(server) as conn:
         rows = conn.execute(
             "SELECT DISTINCT ON (jobid) jobid, status, return_message, database, username FROM cron.job_run_details"
-            " WHERE jobid = ANY(%s) AND status IN ('succeeded', 'failed') ORDER BY jobid, runid",
-            (jobids,),
+            " WHERE jobid = ANY(%s) AND start_time > %s AND status IN ('succeeded', 'failed') ORDER BY jobid, runid",
+            (jobids, since),
         ).fetchall()
     return {jobid: (status, message, database, user) for jobid, status, message, database, user in rows}
 
@@ -215,8 +219,11 @@ def test_pg_cron_itself_runs_every_job_as_its_owner(exai_config: ExaiConfig, bas
     with pg_cron_server(exai_config, basedir, {"cron.use_background_workers": "on"}) as server:
         enable_pg_cron(server)
         with psycopg.connect(owner_dsn(server), autocommit=True) as conn:
-            apply_migrations(conn, as_of=now)
+            # The clock is frozen before the last migration schedules the jobs: a run pg_cron starts meanwhile
+            # (on their own schedules) works in the test's month too, and finds nothing to do.
+            apply_migrations(conn, load_migrations()[:-1], as_of=now)
             conn.execute("SELECT unified.set_clock(%s)", (now,))
+            apply_migrations(conn, as_of=now)
             conn.execute("UPDATE unified.maintenance_settings SET retention_days = 1, months_ahead = 6")
             insert_event(conn, now, severity="error")
             before = monthly_partitions(conn)
@@ -225,12 +232,14 @@ def test_pg_cron_itself_runs_every_job_as_its_owner(exai_config: ExaiConfig, bas
             with as_superuser(server) as admin:  # pg_cron 1.4 grants alter_job to no one else
                 for jobid in jobids:
                     admin.execute("SELECT cron.alter_job(%s, schedule => '* * * * *')", (jobid,))
+                # The server's own time, only to tell the runs that follow from any before.
+                (since,) = admin.execute("SELECT clock_timestamp()").fetchone()
 
             runs: dict[int, tuple[str, str, str, str]] = {}
             deadline = time.monotonic() + 180  # a wait with a bound, not a timing: three minute ticks
             while len(runs) < len(jobids) and time.monotonic() < deadline:
                 time.sleep(0.5)
-                runs = finished_runs(server, jobids)
+                runs = finished_runs(server, jobids, since)
 
             after = monthly_partitions(conn)
             errors = conn.execute("SELECT error_count FROM unified.mv_error_summary_7d").fetchall()
