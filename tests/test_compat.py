@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from pytest_exai_sessions import PersistenceError, SessionLimitExceeded, assert_full_recovery, snapshot
+from pytest_exai_sessions import ManualClock, PersistenceError, SessionLimitExceeded, assert_full_recovery, snapshot
 from pytest_exai_sessions import SessionManager as CoreSessionManager
 from pytest_exai_sessions.compat import DSN_ENV, Session, SessionManager, from_epoch_seconds, to_epoch_seconds
 
@@ -40,11 +40,16 @@ def original_defaults(monkeypatch):
 
 
 class Mode:
-    """Builds compat managers, in memory or persisted, and crashes and restarts persisted ones."""
+    """Builds compat managers, in memory or persisted, and crashes and restarts persisted ones.
 
-    def __init__(self, name, harness=None):
+    ``clock``: a test clock the managers may be given (``make(clock=mode.clock)``); in the
+    postgres run it is ``exai_db_clock``, which moves the database's time too.
+    """
+
+    def __init__(self, name, harness=None, clock=None):
         self.name = name
         self.persisted = harness is not None
+        self.clock = clock if clock is not None else ManualClock()
         self._harness = harness
         self._managers = []
 
@@ -59,7 +64,7 @@ class Mode:
         if not self.persisted:
             return manager
         await self._harness.abandon(manager.core)
-        return self.make(**manager.options)
+        return self.make(**manager.options, clock=manager.clock)
 
     async def aclose(self):
         for manager in self._managers:
@@ -73,7 +78,7 @@ def compat_backend(request, monkeypatch):
     dsn = request.getfixturevalue("exai_dsn")
     harness = request.getfixturevalue("crash_harness")
     monkeypatch.setenv(DSN_ENV, dsn)
-    return Mode("postgres", harness)
+    return Mode("postgres", harness, request.getfixturevalue("exai_db_clock"))
 
 
 @pytest_asyncio.fixture
@@ -164,7 +169,7 @@ async def test_get_returns_the_very_object_ensure_returned(mode):
 
 @pytest.mark.asyncio
 async def test_idle_sessions_time_out_and_cleanup_removes_them(mode):
-    manager = mode.make(session_timeout_secs=1)
+    manager = mode.make(session_timeout_secs=1, clock=mode.clock)
     ids = ["session-1", "session-2", "session-3"]
     for session_id in ids:
         await manager.ensure(session_id)
@@ -174,7 +179,7 @@ async def test_idle_sessions_time_out_and_cleanup_removes_them(mode):
 
     sessions = await get_all(manager, ids)
     assert not any(manager.is_session_timed_out(session) for session in sessions.values())
-    await asyncio.sleep(1.1)
+    mode.clock.advance(seconds=1.1)
     assert all(manager.is_session_timed_out(session) for session in sessions.values())
     timed_out = await manager.get_session_metrics()
     # The original revived a timed-out session on activity until cleanup ran: so does this one.
@@ -202,11 +207,11 @@ async def test_idle_sessions_time_out_and_cleanup_removes_them(mode):
 
 @pytest.mark.asyncio
 async def test_activity_keeps_a_session_alive(mode):
-    manager = mode.make(session_timeout_secs=1.5)
+    manager = mode.make(session_timeout_secs=1.5, clock=mode.clock)
     kept = await manager.ensure("kept")
     await manager.ensure("idle")
     created_activity = kept.last_activity
-    await asyncio.sleep(0.8)
+    mode.clock.advance(seconds=0.8)
 
     await manager.update_activity("kept", request_duration_ms=12)
     await manager.update_activity("kept", 3.4)  # float milliseconds, as callers measured them
@@ -218,7 +223,7 @@ async def test_activity_keeps_a_session_alive(mode):
     manager = await mode.restart(manager)
 
     kept, idle = (await get_all(manager, ["kept", "idle"])).values()
-    await asyncio.sleep(0.8)
+    mode.clock.advance(seconds=0.8)
     assert not manager.is_session_timed_out(kept)
     assert manager.is_session_timed_out(idle)
     assert await manager.cleanup_stale_sessions() == 1
