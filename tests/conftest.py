@@ -48,3 +48,15 @@ def pgbouncer_binary() -> Path:
         return find_pgbouncer()
     except PoolerNotFound as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture
+def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """pytest's own, with inner runs that leave out Hypothesis's pytest plugin.
+
+    That plugin imports the whole of Hypothesis when a run ends, which costs an inner run
+    about as long as starting its PostgreSQL; no inner run has a Hypothesis test. Pytester
+    clears PYTEST_ADDOPTS when it is set up, so this is set afterwards.
+    """
+    monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
+    return pytester
