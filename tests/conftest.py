@@ -52,11 +52,15 @@ def pgbouncer_binary() -> Path:
 
 @pytest.fixture
 def pytester(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """pytest's own, with inner runs that leave out Hypothesis's pytest plugin.
+    """pytest's own, with inner runs that leave out Hypothesis's pytest plugin and the outer run's clock.
 
     That plugin imports the whole of Hypothesis when a run ends, which costs an inner run
     about as long as starting its PostgreSQL; no inner run has a Hypothesis test. Pytester
     clears PYTEST_ADDOPTS when it is set up, so this is set afterwards.
+
+    An inner run chooses its own clock (a test of ``--exai-clock`` sets it): the suite run
+    at a date with EXAI_SESSIONS_CLOCK behaves as with the flag, which inner runs never see.
     """
     monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:hypothesispytest")
+    monkeypatch.delenv("EXAI_SESSIONS_CLOCK", raising=False)
     return pytester
