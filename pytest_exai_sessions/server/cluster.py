@@ -1,38 +1,53 @@
 """A throwaway PostgreSQL cluster whose postmaster is this process's own child.
 
-Not pg_ctl: pg_ctl daemonises the postmaster, so after a SIGKILL it stays a zombie
-of PID 1 (for ever where PID 1 never reaps, as in containers) and blocks a restart.
-As our child it is reaped at once and a kill-and-restart takes a fraction of a second.
-
-Each cluster directory holds ``owner.lock``, locked (``flock``) by the process that created
-it for as long as it lives. A directory whose lock can be taken belongs to a process that
-died without cleaning up (a killed pytest or xdist worker): ``sweep_stale_clusters`` removes
-those, and only those of our own user, before each start and at the end of each run.
+Not pg_ctl, which daemonises the postmaster: it runs as a ``ChildServer`` (process.py), in a
+directory that ``sweep_stale_clusters`` (private_directory.py) removes if this process dies
+without cleaning up.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 from ..db import DSN_ENV
 from ..errors import ExaiSessionsError
 from .binaries import is_embedded, server_version
 from .connection import make_dsn
 from .initdb_cache import InitdbCache, initdb_key
+from .private_directory import CLUSTER_PREFIX, OWNER_LOCK, sweep_stale_clusters
+from .process import PORT_ATTEMPTS, TCP_PORT_RANGE, ChildServer, OsUser, Startable
+
+__all__ = [  # with the names that moved to private_directory and process: callers import them from here
+    "CLUSTER_PREFIX",
+    "DEFAULT_SETTINGS",
+    "FROM_INITDB",
+    "FROM_INITDB_CACHE",
+    "FROM_INITDB_CACHE_BROKEN",
+    "FROM_INITDB_CACHE_BUILT",
+    "FROM_SEED",
+    "MIN_TMPFS_FREE_BYTES",
+    "OWNER_LOCK",
+    "OsUser",
+    "ServerStartError",
+    "TemporaryPostgres",
+    "cluster_initdb_key",
+    "default_basedir",
+    "initdb_options",
+    "is_tmpfs",
+    "server_os_user",
+    "sweep_stale_clusters",
+    "temporary_server_supported",
+]
 
 # Test-friendly settings. fsync and full_page_writes only matter when the machine
 # loses power; synchronous_commit must stay on, or a killed server loses commits it
@@ -54,13 +69,9 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
     # Test databases live for one test: vacuuming them only takes a core from the tests.
     "autovacuum": "off",
 }
-# The kernel hands out client ports from 32768 up; a server port there can be taken
-# by any outgoing connection, so pick below it.
-_TCP_PORT_RANGE = (15000, 32767)
 _SOCKET_PATH_MAX = 107  # sun_path on Linux, minus the terminating NUL
 _UNIX_SOCKET_PORT = 5432  # only names the socket file in our private directory
-CLUSTER_PREFIX = "exai-pg-"
-OWNER_LOCK = "owner.lock"
+_SHUTDOWN_TIMEOUT = 60.0  # seconds a signal has to end the postmaster before SIGKILL
 
 # Where a started cluster's data directory came from (TemporaryPostgres.cluster_source).
 FROM_INITDB = "initdb"
@@ -85,13 +96,6 @@ def initdb_options(superuser: str) -> list[str]:
 
 class ServerStartError(ExaiSessionsError):
     """initdb or the postmaster failed; the message carries the tail of the log."""
-
-
-@dataclass(frozen=True)
-class OsUser:
-    name: str
-    uid: int
-    gid: int
 
 
 # What the temporary server needs of POSIX: user lookup, and flock for the owner locks.
@@ -199,79 +203,7 @@ def is_tmpfs(path: Path) -> bool:
     return best_type == "tmpfs"
 
 
-def _lock_owner(root: Path) -> int:
-    """Create ``root/owner.lock`` already locked by this process; return its descriptor.
-
-    Locked under a temporary name, then renamed: a sweeper never sees it unlocked.
-    """
-    import fcntl
-
-    temporary = root / f".{OWNER_LOCK}.{os.getpid()}"
-    fd = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.rename(temporary, root / OWNER_LOCK)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _postmaster_running_in(root: Path) -> bool:
-    """A postmaster whose command line names this directory still runs (a zombie names none)."""
-    try:
-        pid = int((root / "data" / "postmaster.pid").read_text().split("\n", 1)[0])
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().decode(errors="replace")
-    except (OSError, ValueError):
-        return False
-    return str(root) in cmdline
-
-
-def sweep_stale_clusters(basedir: Path) -> list[Path]:
-    """Remove the cluster directories in ``basedir`` whose creator died; return them.
-
-    A directory is removed only when all of these hold: its name has the cluster prefix, it
-    holds an ``owner.lock`` file of our own user, nobody holds that lock (the kernel drops
-    it when its process dies, however it died), and no postmaster runs in it. Directories of
-    other users, of live runs, and those without a lock file are never touched.
-    """
-    removed: list[Path] = []
-    if not temporary_server_supported():
-        return removed  # no temporary server ever ran here
-    import fcntl
-
-    try:
-        entries = list(basedir.glob(CLUSTER_PREFIX + "*"))
-    except OSError:
-        return removed
-    for root in entries:
-        lock_path = root / OWNER_LOCK
-        try:
-            if not root.is_dir() or root.is_symlink():
-                continue
-            info = lock_path.lstat()
-            if info.st_uid != os.geteuid() or not lock_path.is_file():
-                continue
-            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # its owner is alive
-            if _postmaster_running_in(root):
-                continue
-            shutil.rmtree(root, ignore_errors=True)
-            removed.append(root)
-        finally:
-            os.close(fd)
-    return removed
-
-
-class TemporaryPostgres:
+class TemporaryPostgres(Startable):
     """initdb into a private directory, run ``postgres`` as a child, remove it all on stop."""
 
     external = False
@@ -302,10 +234,8 @@ class TemporaryPostgres:
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.startup_timeout = startup_timeout
         self.embedded = is_embedded(bindir)
-        self.root: Path | None = None
         self.port = port or _UNIX_SOCKET_PORT
-        self._process: subprocess.Popen[bytes] | None = None
-        self._lock_fd: int | None = None
+        self._child = ChildServer("server", log_name="server.log", os_user=os_user, failure=ServerStartError)
         self._source_bindir = bindir
         self.initdb_cache = initdb_cache
         self.cluster_source: str | None = None  # one of the FROM_* above, once started
@@ -320,16 +250,21 @@ class TemporaryPostgres:
     # where things are
 
     @property
+    def root(self) -> Path | None:
+        """The cluster's private directory, while it is started."""
+        return self._child.root
+
+    @property
     def datadir(self) -> Path:
-        return self._require_root() / "data"
+        return self._child.directory / "data"
 
     @property
     def socket_dir(self) -> Path:
-        return self._require_root()
+        return self._child.directory
 
     @property
     def log_path(self) -> Path:
-        return self._require_root() / "server.log"
+        return self._child.log_path
 
     @property
     def host(self) -> str:
@@ -337,19 +272,14 @@ class TemporaryPostgres:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.poll() is None else None
+        return self._child.pid
 
     @property
     def on_tmpfs(self) -> bool:
-        return is_tmpfs(self._require_root())
+        return is_tmpfs(self._child.directory)
 
     def dsn(self, dbname: str | None = None) -> str:
         return make_dsn(host=self.host, port=self.port, user=self.user, dbname=dbname or self.dbname)
-
-    def _require_root(self) -> Path:
-        if self.root is None:
-            raise ServerStartError("the server has not been started")
-        return self.root
 
     # lifecycle
 
@@ -358,20 +288,15 @@ class TemporaryPostgres:
 
         ``seed``: a stopped data directory to copy instead of running initdb (a cached cluster).
         """
-        sweep_stale_clusters(self.basedir)
-        self.root = Path(tempfile.mkdtemp(prefix=CLUSTER_PREFIX, dir=self.basedir))
         try:
-            self._lock_fd = _lock_owner(self.root)
-            if len(str(self.root / f".s.PGSQL.{self.port}")) > _SOCKET_PATH_MAX:
+            root = self._child.create_directory(self.basedir, prefix=CLUSTER_PREFIX)
+            if len(str(root / f".s.PGSQL.{self.port}")) > _SOCKET_PATH_MAX:
                 raise ServerStartError(
-                    f"socket path under {self.root} is longer than {_SOCKET_PATH_MAX} bytes; "
+                    f"socket path under {root} is longer than {_SOCKET_PATH_MAX} bytes; "
                     "choose a shorter --exai-pg-basedir"
                 )
-            if self.os_user is not None:
-                # Only the directory we just created changes owner, nothing above it.
-                os.chown(self.root, self.os_user.uid, self.os_user.gid)
-                if self.embedded:
-                    self.bindir = self._copy_embedded()
+            if self.os_user is not None and self.embedded:
+                self.bindir = self._copy_embedded()
             started = time.perf_counter()
             self._create_cluster(seed)
             launched = time.perf_counter()
@@ -399,7 +324,7 @@ class TemporaryPostgres:
                 self._initdb_key(),
                 self.datadir,
                 build=self._initdb,
-                run_as={k: v for k, v in self._as_server_user().items() if k != "cwd"},
+                run_as={k: v for k, v in self._child.run_as().items() if k != "cwd"},
                 description={
                     "version": self.version,
                     "bindir": str(self._source_bindir),
@@ -428,7 +353,7 @@ class TemporaryPostgres:
         # Copied by the server's user, so the copy is theirs with the modes PostgreSQL demands.
         command = ["cp", "-a", str(seed), str(self.datadir)]
         with open(self.log_path, "ab") as log:
-            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._as_server_user())
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._child.run_as())
         if result.returncode != 0:
             raise ServerStartError(f"copying the cached cluster {seed} failed:\n{self.log_tail()}")
 
@@ -451,7 +376,7 @@ class TemporaryPostgres:
         pginstall = self._source_bindir.parent
         package = pginstall.parent
         site = package.parent
-        target_site = self._require_root() / "embedded"
+        target_site = self._child.directory / "embedded"
         target = target_site / package.name / pginstall.name
         (target / "bin").mkdir(parents=True)
         for name in ("postgres", "initdb"):
@@ -467,7 +392,7 @@ class TemporaryPostgres:
         command = [str(self.bindir / "initdb"), "--pgdata", str(datadir), *initdb_options(self.user)]
         with open(self.log_path, "ab") as log:
             try:
-                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._as_server_user())
+                result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, **self._child.run_as())
             except OSError as error:  # the binary itself cannot be run, e.g. by the server's OS user
                 user = self.os_user.name if self.os_user is not None else "this user"
                 raise ServerStartError(f"initdb failed: cannot run {command[0]} as {user}: {error}") from None
@@ -476,27 +401,23 @@ class TemporaryPostgres:
 
     def _launch(self) -> None:
         """Start the postmaster on the existing data directory (also after a kill)."""
-        attempts = 10 if self.listen_tcp and self.requested_port is None else 1
-        for attempt in range(attempts):
-            if self.listen_tcp and self.requested_port is None:
-                self.port = random.randint(*_TCP_PORT_RANGE)
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._process = self._spawn_postmaster()
-            try:
-                self._wait_until_ready()
-                return
-            except ServerStartError:
-                new_log = self.log_tail(offset=log_offset)
-                if attempt + 1 < attempts and "could not bind" in new_log:
-                    continue  # someone holds this port: try another
-                if self.requested_port is not None and "could not bind" in new_log:
-                    raise ServerStartError(
-                        f"port {self.requested_port} on 127.0.0.1 is in use (--exai-pg-port): choose another "
-                        f"port, or leave --exai-pg-port unset to get a free one. Server log:\n{new_log}"
-                    ) from None
-                raise
+        any_port = self.listen_tcp and self.requested_port is None
+        ports = [random.randint(*TCP_PORT_RANGE) for _ in range(PORT_ATTEMPTS)] if any_port else [self.port]
+        self._child.launch(
+            self._start_postmaster_on,
+            ports,
+            port_taken="could not bind",
+            when_taken=self._requested_port_in_use if self.requested_port is not None else None,
+        )
 
-    def _spawn_postmaster(self) -> subprocess.Popen[bytes]:
+    def _requested_port_in_use(self, port: int, log: str) -> ServerStartError:
+        return ServerStartError(
+            f"port {port} on 127.0.0.1 is in use (--exai-pg-port): choose another "
+            f"port, or leave --exai-pg-port unset to get a free one. Server log:\n{log}"
+        )
+
+    def _start_postmaster_on(self, port: int) -> None:
+        self.port = port
         command = [
             str(self.bindir / "postgres"),
             "-D", str(self.datadir),
@@ -506,22 +427,8 @@ class TemporaryPostgres:
         ]  # fmt: skip
         for name, value in self.settings.items():
             command += ["-c", f"{name}={value}"]
-        with open(self.log_path, "ab") as log:
-            return subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # It only calls prctl(), which is safe between fork and exec even with threads.
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-                **self._as_server_user(),
-            )
-
-    def _as_server_user(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"cwd": self._require_root()}
-        if self.os_user is not None:
-            options.update(user=self.os_user.uid, group=self.os_user.gid, extra_groups=[])
-        return options
+        self._child.spawn(command, output_to_log=True)
+        self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:
         """Wait as pg_ctl does: until our postmaster marks its lock file ready, polled every 2 ms.
@@ -529,13 +436,9 @@ class TemporaryPostgres:
         No connection attempts: on a port that turned out to be taken a TCP probe would reach
         whoever holds it, and each attempt costs more than reading the file.
         """
-        assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
         while not self._marked_ready():
-            if self._process.poll() is not None:
-                raise ServerStartError(
-                    f"postgres exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
-                )
+            self._child.raise_if_exited()
             if time.monotonic() > deadline:
                 self.kill()
                 raise ServerStartError(
@@ -545,36 +448,22 @@ class TemporaryPostgres:
 
     def _marked_ready(self) -> bool:
         """postmaster.pid names our postmaster (not a killed one's leftover) and says "ready" (line 8)."""
-        assert self._process is not None
+        process = self._child.process
+        assert process is not None
         try:
             lines = (self.datadir / "postmaster.pid").read_text().split("\n")
         except OSError:  # not written yet
             return False
-        return len(lines) > 7 and lines[0].strip() == str(self._process.pid) and lines[7].strip() == "ready"
+        return len(lines) > 7 and lines[0].strip() == str(process.pid) and lines[7].strip() == "ready"
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the postmaster (SIGKILL by default) and reap it; the data directory stays.
 
-        With SIGKILL its children are killed too, as when the whole server dies.
+        With SIGKILL its children are killed too, as when the whole server dies: a backend busy
+        in a query does not notice the postmaster's death and keeps the shared memory attached,
+        and then restart() would fail ("pre-existing shared memory block is still in use").
         """
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        orphans: list[tuple[int, int]] = []
-        if sig == signal.SIGKILL:
-            # A backend busy in a query does not notice the postmaster's death and keeps the
-            # shared memory attached, and then restart() fails ("pre-existing shared memory
-            # block is still in use"). So kill the children too; the postmaster is stopped
-            # first so that it forks none between the listing and the kill.
-            process.send_signal(signal.SIGSTOP)
-            orphans = _children(process.pid)
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        _kill_and_wait(orphans)
+        self._child.kill(sig, timeout=_SHUTDOWN_TIMEOUT, with_children=True)
 
     def restart(self) -> None:
         """Start the postmaster again on the same data directory and port."""
@@ -584,78 +473,12 @@ class TemporaryPostgres:
     def stop(self) -> None:
         """Fast shutdown (SIGINT rolls back open transactions), then remove every file."""
         try:
-            self.kill(signal.SIGINT)
+            self._child.stop(signal.SIGINT, timeout=_SHUTDOWN_TIMEOUT)
         finally:
-            self._process = None
-            if self.root is not None:
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root = None
-                self.bindir = self._source_bindir
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            self.bindir = self._source_bindir
 
     def log_tail(self, lines: int = 30, offset: int = 0) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                text = log.read().decode(errors="replace")
-        except (OSError, ServerStartError):
-            return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        return self._child.log_tail(lines, offset)
 
     def __repr__(self) -> str:
         return f"<TemporaryPostgres {self.version} at {self.root} pid={self.pid}>"
-
-
-def _stat(pid: int) -> tuple[int, int, str] | None:
-    """(parent pid, start time, state) of a process from Linux /proc; None when gone or without /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
-    return int(fields[1]), int(fields[19]), fields[0]
-
-
-def _children(pid: int) -> list[tuple[int, int]]:
-    """(pid, start time) of each child of ``pid``; empty where there is no /proc."""
-    try:
-        entries = [int(name) for name in os.listdir("/proc") if name.isdigit()]
-    except OSError:
-        return []
-    return [(child, stat[1]) for child in entries if (stat := _stat(child)) is not None and stat[0] == pid]
-
-
-def _kill_and_wait(processes: list[tuple[int, int]], timeout: float = 10.0) -> None:
-    """SIGKILL each (pid, start time) that is still that same process, and wait until all are gone."""
-
-    def running(pid: int, start: int) -> bool:
-        now = _stat(pid)
-        return now is not None and now[1] == start and now[2] != "Z"  # a zombie holds no shared memory
-
-    for pid, start in processes:
-        if running(pid, start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while any(running(pid, start) for pid, start in processes) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec, after the switch of user (a switch would
-    # reset it): if pytest dies, the kernel kills the postmaster instead of orphaning it.
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -39,9 +39,10 @@ from typing import Any, Self
 import psycopg
 from psycopg import sql
 
-from ..server.cluster import OsUser, TemporaryPostgres
+from ..server.cluster import TemporaryPostgres
 from ..server.connection import make_dsn
 from ..server.initdb_cache import InitdbCache
+from ..server.process import OsUser, Startable
 from .rls import ANON, AUTHENTICATED, SERVICE_ROLE
 
 SUPABASE_ADMIN = "supabase_admin"
@@ -225,7 +226,7 @@ def make_supabase_like(conn: psycopg.Connection[Any], *, data_api_default_privil
         _bootstrap_database(conn, data_api_default_privileges=data_api_default_privileges)
 
 
-class SupabaseLikeServer:
+class SupabaseLikeServer(Startable):
     """A throwaway PostgreSQL whose superuser is ``supabase_admin``, made to look like Supabase.
 
     ``with SupabaseLikeServer(bindir) as supabase:`` starts it (its ``postgres`` database
@@ -306,12 +307,6 @@ class SupabaseLikeServer:
             yield name
         finally:
             self.drop_database(name)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<SupabaseLikeServer {self.server!r}>"
