@@ -9,8 +9,10 @@ switches by changing one import::
 ``closed``, ``sem``) and ``get`` returns the very object ``ensure`` returned. Underneath,
 every operation goes through the core :class:`pytest_exai_sessions.SessionManager`: in
 memory only by default, or written through to PostgreSQL with ``enable_persistence=True``
-(DSN from ``EXAI_SESSIONS_DSN``), ``dsn=`` or ``store=``. A persistent manager connects
-and recovers on first use, since the original API has no start; ``aclose()`` releases it.
+(DSN from ``EXAI_SESSIONS_DSN``), ``dsn=`` or ``store=``. Both run the same code: the
+core's store (a ``MemoryStore`` or a ``SessionStore``) is the one difference. A manager on
+a DSN connects and recovers on first use, since the original API has no start;
+``aclose()`` releases it.
 
 The original's service, ``SupabaseSessionService`` and its process-wide instance from
 ``get_session_service()``, is here too (from ``session_service``), on the same core store.
@@ -36,7 +38,7 @@ from .manager import SessionManager as CoreSessionManager
 from .models import Session as SessionRecord
 from .models import SessionState, check_session_id, is_live, stale_before
 from .session_service import SupabaseSessionService, get_session_service, reset_session_service
-from .store import SessionStore
+from .store_interface import ManagedStorage
 
 __all__ = [
     "DSN_ENV",
@@ -204,10 +206,11 @@ class SessionManager:
     ``SESSION_CLEANUP_INTERVAL`` (300) and ``EXAI_WS_SESSION_MAX_INFLIGHT`` (8).
 
     Persistence is off unless asked for: ``enable_persistence=True`` with the DSN in
-    ``EXAI_SESSIONS_DSN``, or ``dsn=``, or ``store=`` (a :class:`SessionStore` the caller
-    opened and closes). Building the manager touches neither a database nor an event loop;
-    a persistent one connects and recovers on its first use. Like the original it runs no
-    cleanup by itself: the application calls ``cleanup_stale_sessions()`` every
+    ``EXAI_SESSIONS_DSN``, or ``dsn=``, or ``store=`` (a store the caller opened and
+    closes, such as a :class:`SessionStore`). Building the manager touches neither a
+    database nor an event loop; one on a DSN connects and recovers on its first use. In
+    memory and persisted it runs the same code over its core's store. Like the original it
+    runs no cleanup by itself: the application calls ``cleanup_stale_sessions()`` every
     ``cleanup_interval_secs``.
     """
 
@@ -220,7 +223,7 @@ class SessionManager:
         *,
         max_inflight: int | None = None,
         dsn: str | None = None,
-        store: SessionStore | None = None,
+        store: ManagedStorage | None = None,
         store_options: Mapping[str, Any] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
@@ -244,10 +247,10 @@ class SessionManager:
         )
         self.max_inflight = _count("max_inflight", max_inflight, MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT)
         self.clock = clock
-        self._dsn, self._store = _persistence_target(enable_persistence, dsn, store)
+        self._dsn, given_store = _persistence_target(enable_persistence, dsn, store)
         self._store_options = dict(store_options or {})
         # With a DSN the core is built on first use, once its store is open.
-        self._core: CoreSessionManager | None = None if self._dsn is not None else self._new_core(self._store)
+        self._core: CoreSessionManager | None = None if self._dsn is not None else self._new_core(given_store)
         self._sessions: dict[str, Session] = {}
         # The stored expires_at of each object (the original's Session has no such field).
         self._expires_at: dict[str, datetime | None] = {}
@@ -257,7 +260,8 @@ class SessionManager:
 
     @property
     def persistence_enabled(self) -> bool:
-        return self._dsn is not None or self._store is not None
+        """True on a DSN (its store opens on first use), else as the core's store answers."""
+        return self._dsn is not None or self.core.persistence_enabled
 
     @property
     def options(self) -> dict[str, Any]:
@@ -290,7 +294,7 @@ class SessionManager:
             "clock": self.clock,
         }
 
-    def _new_core(self, store: SessionStore | None) -> CoreSessionManager:
+    def _new_core(self, store: ManagedStorage | None) -> CoreSessionManager:
         """The core on a store the caller owns (or none: memory only)."""
         return CoreSessionManager(store, **self._core_options())
 
@@ -370,26 +374,21 @@ class SessionManager:
         whose message starts with "Maximum concurrent sessions".
         """
         core = await self._ready()
-        if session_id and not self.persistence_enabled:
-            existing = self._sessions.get(session_id)
-            if existing is not None:
-                return existing
-        # Persistent: the store decides, so a session another replica removed is not handed
-        # out again; the object this manager already gave out is refreshed, not replaced.
+        # The store decides, so a session another replica removed is not handed out again;
+        # the object this manager already gave out is refreshed, not replaced.
         record = await core.ensure(session_id or None)
         return self._keep(record)
 
     async def get(self, session_id: str) -> Session | None:
         """The object ``ensure`` returned for ``session_id``, or None; never creates.
 
-        A persistent manager asks the database every time: it returns a live session
-        another manager created (or changed, refreshed in place) and None for one another
-        manager removed or expired.
+        It asks the store every time: a persistent manager returns a live session another
+        manager created (or changed, refreshed in place) and None for one another manager
+        removed or expired.
         """
         core = await self._ready()
-        session = self._sessions.get(session_id)
-        if not self.persistence_enabled or not _storable_id(session_id):
-            return session
+        if not _storable_id(session_id):
+            return None  # ensure() refuses such an id: no session has it
         record = await core.get(session_id)
         if record is None:
             self._drop(session_id)
@@ -404,10 +403,8 @@ class SessionManager:
         self._drop(session_id)
 
     async def list_ids(self) -> list[str]:
-        """The ids of the sessions; a persistent manager lists every live one in the database."""
+        """The ids of the live sessions in the store; a persistent manager's are every replica's."""
         core = await self._ready()
-        if not self.persistence_enabled:
-            return list(self._sessions)
         return await core.list_ids()
 
     async def update_activity(self, session_id: str, request_duration_ms: float | None = None) -> None:
@@ -418,9 +415,9 @@ class SessionManager:
         """
         duration = _whole_milliseconds(request_duration_ms)
         core = await self._ready()
+        if not _storable_id(session_id):
+            return  # no session has it
         session = self._sessions.get(session_id)
-        if session is None and not (self.persistence_enabled and _storable_id(session_id)):
-            return
         try:
             record = await core.update_activity(session_id, request_duration_ms=duration)
         except SessionNotFound:
@@ -433,9 +430,6 @@ class SessionManager:
             await core.ensure(session_id)
             record = await core.update_activity(session_id, request_duration_ms=duration)
         self._keep(record)
-
-    def _now(self) -> float:
-        return to_epoch_seconds(self.clock.now())
 
     def is_session_timed_out(self, session: Session) -> bool:
         """True when the session is closed, idle past ``session_timeout_secs``, or past its ``expires_at``.
@@ -475,35 +469,26 @@ class SessionManager:
         return ended + expired
 
     async def get_session_metrics(self) -> dict[str, Any]:
-        """Counts and ages (seconds) of the sessions, and ``persistence_enabled``.
+        """Counts and ages (seconds) of the store's sessions, and ``persistence_enabled``.
 
         A persistent manager counts every session in the database (every replica's).
         """
         core = await self._ready()
-        if self.persistence_enabled:
-            return await core.get_session_metrics()
-        now = self._now()
-        sessions = list(self._sessions.values())
-        ages = [now - session.created_at for session in sessions]
-        return {
-            "total_sessions": len(sessions),
-            "active_sessions": sum(1 for session in sessions if not self.is_session_timed_out(session)),
-            "oldest_session_age": max(ages, default=0),
-            "newest_session_age": min(ages, default=0),
-            "avg_session_age": sum(ages) / len(ages) if ages else 0,
-            "persistence_enabled": self.persistence_enabled,
-        }
+        return await core.get_session_metrics()
 
     async def recover_all_sessions(self) -> int:
-        """Load every live persisted session; return how many were not in memory yet (0 in memory mode)."""
+        """Load every live session of the store; return how many were new here.
+
+        0 in memory: this manager already holds every session its own store has.
+        """
         core = await self._ready()
-        if not core.persistence_enabled:
-            return 0
         return self._adopt((await core.recover_all_sessions()).values())
 
     def __repr__(self) -> str:
-        where = "persisted" if self.persistence_enabled else "in memory"
-        return f"<compat {type(self).__name__} {len(self._sessions)} sessions, {where}>"
+        return (
+            f"<compat {type(self).__name__} {len(self._sessions)} sessions,"
+            f" persistence_enabled={self.persistence_enabled}>"
+        )
 
 
 def _copy_record(record: SessionRecord, session: Session) -> None:
@@ -515,8 +500,8 @@ def _copy_record(record: SessionRecord, session: Session) -> None:
 
 
 def _persistence_target(
-    enable_persistence: bool | None, dsn: str | None, store: SessionStore | None
-) -> tuple[str | None, SessionStore | None]:
+    enable_persistence: bool | None, dsn: str | None, store: ManagedStorage | None
+) -> tuple[str | None, ManagedStorage | None]:
     """Where to persist: (dsn, None), (None, store), or (None, None) for memory only."""
     if dsn is not None and store is not None:
         raise ValueError("pass dsn= or store=, not both")

@@ -18,6 +18,7 @@ from .events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE, EventStore, SessionEve
 from .memory import MemoryStore
 from .models import Event, Session, check_duration_ms, check_session_id, stale_before
 from .store import SessionStore
+from .store_interface import ManagedStorage
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ class SessionManager:
     Process-local, and documented as such: the ``max_inflight`` slots of ``request()`` and
     the periodic cleanup task (whose sweep is global: any replica's expires any session).
 
-    With ``store=None`` it keeps sessions in a ``MemoryStore``, in this process only (what
-    the original manager did): the same code path over the same interface.
+    It speaks to its store only through ``store_interface.ManagedStorage``. With
+    ``store=None`` it keeps sessions in a ``MemoryStore``, in this process only (what the
+    original manager did): the same code path over the same interface.
 
     With ``record_events=True`` it also records its lifecycle in
     ``unified.event_metric_events`` (see ``SessionLifecycle``): a created, expired or
@@ -50,7 +52,7 @@ class SessionManager:
 
     def __init__(
         self,
-        store: SessionStore | MemoryStore | None = None,
+        store: ManagedStorage | None = None,
         *,
         session_timeout_secs: float = 3600,
         max_concurrent_sessions: int = 100,
@@ -75,18 +77,18 @@ class SessionManager:
             raise ValueError(
                 f"cleanup_interval_secs must be >= 0 (0 turns periodic cleanup off), got {cleanup_interval_secs}"
             )
-        if record_events and not isinstance(store, SessionStore):
-            raise ValueError(
-                "record_events=True needs a store: the events are written to the database, which a MemoryStore has not"
-            )
         if not isinstance(clock, Clock):
             raise TypeError(f"clock must have a now() method returning an aware datetime, got {clock!r}")
         self.clock = clock
-        self.store: SessionStore | MemoryStore = store if store is not None else MemoryStore()
+        self.store: ManagedStorage = store if store is not None else MemoryStore()
         self.record_events = bool(record_events)
-        self.events: EventStore | None = (
-            EventStore(store.database) if isinstance(store, SessionStore) and record_events else None
-        )
+        # The store knows where its lifecycle events can go: a MemoryStore has nowhere.
+        self.events: EventStore | None = self.store.event_store() if self.record_events else None
+        if self.record_events and self.events is None:
+            raise ValueError(
+                f"record_events=True needs a store with a database: the events are written there, and {self.store!r}"
+                " has none"
+            )
         self.session_timeout_secs = session_timeout_secs
         self.max_concurrent_sessions = max_concurrent_sessions
         self.cleanup_interval_secs = cleanup_interval_secs
@@ -112,6 +114,7 @@ class SessionManager:
 
     @property
     def persistence_enabled(self) -> bool:
+        """True when what the store writes survives this process (the store answers)."""
         return self.store.persistent
 
     @classmethod
@@ -431,8 +434,7 @@ class SessionManager:
         return self.store.read_live(stale_before=self._stale_before(now), now=now)
 
     def __repr__(self) -> str:
-        where = "persisted" if self.persistence_enabled else "in memory"
-        return f"<{type(self).__name__} {where}, {self.store!r}>"
+        return f"<{type(self).__name__} {self.store.kind}, {self.store!r}>"
 
 
 class _Window(TypedDict):

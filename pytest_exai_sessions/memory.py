@@ -1,10 +1,12 @@
-"""MemoryStore: ``SessionStore``'s interface over a dict, for a manager without a database.
+"""MemoryStore: the store interface over a dict, for a manager without a database.
 
-It follows the store's SQL statement for statement: the same liveness rule
-(``models.is_live``), the same counters, the same answers (None for a session that is not
-live, all or nothing for a batch). What it hands out shares nothing with what it keeps,
-as rows read back from jsonb share nothing with the objects that were written. Nothing
-survives the process: ``persistent`` is False.
+It implements ``store_interface.ManagedStorage`` as ``SessionStore`` does, and follows its
+SQL statement for statement: the same liveness rule (``models.is_live``), the same
+counters, the same answers (None for a session that is not live, all or nothing for a
+batch). What it hands out shares nothing with what it keeps, as rows read back from jsonb
+share nothing with the objects that were written. Nothing survives the process:
+``persistent`` is False. Lifecycle events go to the database, so it has no
+``event_store()`` and records none.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Self
 
 from .errors import SessionConflict
 from .models import Session, SessionMetrics, SessionState, check_json_object
+from .store_interface import ManagedStorage
 
 if TYPE_CHECKING:
-    from .events import SessionEvents
+    from .events import EventStore, SessionEvents
 
 
 def _copy(session: Session, **changes: Any) -> Session:
@@ -29,13 +32,18 @@ def _copy(session: Session, **changes: Any) -> Session:
     return session.model_copy(update=fields)
 
 
-class MemoryStore:
+class MemoryStore(ManagedStorage):
     """Sessions in this process only; the interface and behaviour of ``SessionStore``."""
 
     persistent = False
+    kind = "in memory"
 
     def __init__(self) -> None:
         self._rows: dict[str, Session] = {}
+
+    def event_store(self) -> EventStore | None:
+        """None: there is no database to record lifecycle events in."""
+        return None
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -165,14 +173,6 @@ class MemoryStore:
         average = sum(ages) / len(ages) if ages else 0.0
         return SessionMetrics(len(active), live, max(ages, default=0.0), min(ages, default=0.0), average)
 
-    def read_live(self, *, stale_before: datetime, now: datetime) -> dict[str, Session]:
-        """Every live session by id, without an event loop."""
-        return {
-            session_id: _copy(row)
-            for session_id, row in self._rows.items()
-            if row.is_live(now, stale_before=stale_before)
-        }
-
     async def _change(
         self,
         session_id: str,
@@ -204,17 +204,27 @@ class MemoryStore:
                 expired.append(session_id)
         return expired
 
-    async def delete_all(self) -> int:
-        count = len(self._rows)
-        self._rows.clear()
-        return count
-
     async def iter_live(
         self, *, stale_before: datetime, now: datetime, batch_size: int = 2000
     ) -> AsyncIterator[Session]:
         for row in list(self._rows.values()):
             if row.is_live(now, stale_before=stale_before):
                 yield _copy(row)
+
+    # CrashTestable (and abandon, beside close): for the crash tools, never the application.
+
+    def read_live(self, *, stale_before: datetime, now: datetime) -> dict[str, Session]:
+        """Every live session by id, without an event loop."""
+        return {
+            session_id: _copy(row)
+            for session_id, row in self._rows.items()
+            if row.is_live(now, stale_before=stale_before)
+        }
+
+    async def delete_all(self) -> int:
+        count = len(self._rows)
+        self._rows.clear()
+        return count
 
     async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:
         for row in list(self._rows.values()):

@@ -2,26 +2,31 @@
 
 Application code written against the original service keeps its calls: ``save_session``,
 ``load_session``, ``delete_session``, ``list_sessions``, ``cleanup_expired_sessions``,
-``update_session_activity`` and the two (de)serialisers. Each call is one statement of
-:class:`pytest_exai_sessions.store.SessionStore` on ``public.sessions``. Unlike the original,
-a database error raises ``PersistenceError`` and bad input ``ValueError`` (nothing written),
-instead of a logged False or None.
+``update_session_activity`` and the two (de)serialisers. Each call is one statement on
+``public.sessions`` through a :class:`pytest_exai_sessions.store.SessionStore`: reads and
+deletes are the store's; the statements only this API runs, which act on rows in any state
+unlike the manager's, are below, built from the store's column list. Unlike the original,
+a database error raises ``PersistenceError`` and bad input ``ValueError`` (nothing
+written), instead of a logged False or None.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Self
 
+from psycopg import sql
+
 from .clock import SYSTEM_CLOCK, Clock
-from .db import DSN_ENV
+from .db import DSN_ENV, Database, Query
 from .errors import PersistenceError
 from .models import BIGINT_MAX, Session, SessionState, check_duration_ms, check_session_id
-from .store import COLUMNS, SessionStore
+from .store import COLUMNS, RETURNING, TABLE, SessionStore, column_params, count_request_query, insert_lists, to_session
 
 __all__ = [
     "DEFAULT_METADATA",
@@ -115,6 +120,10 @@ class SupabaseSessionService:
                 store = self._stores[loop] = await SessionStore.open(self._dsn, **self._store_options)
         return store
 
+    async def _database(self) -> Database:
+        """The store's database, for the statements of this API alone."""
+        return (await self._ready()).database
+
     def _forget_closed_loops(self) -> None:
         """Drop the stores of event loops that are closed: nothing can run on them any more.
 
@@ -177,7 +186,7 @@ class SupabaseSessionService:
         record = Session(
             session_id=session_id, data=session_data, metadata=metadata, created_at=now, last_activity=now, **columns
         )
-        await (await self._ready()).save(record)
+        await _save(await self._database(), record)
         return True
 
     async def load_session(self, session_id: str) -> dict[str, Any] | None:
@@ -196,7 +205,7 @@ class SupabaseSessionService:
         wanted = None if state is None else _state(state)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
-        records = await (await self._ready()).recent(state=wanted, limit=limit)
+        records = await _recent(await self._database(), state=wanted, limit=limit)
         return [_row(record) for record in records]
 
     async def cleanup_expired_sessions(self, older_than_days: int = 7) -> int:
@@ -210,7 +219,7 @@ class SupabaseSessionService:
             cutoff = self.clock.now() - timedelta(days=older_than_days)
         except OverflowError:
             raise ValueError(f"older_than_days={older_than_days} reaches before the year 1") from None
-        return await (await self._ready()).delete_idle(before=cutoff)
+        return await _delete_idle(await self._database(), before=cutoff)
 
     async def update_session_activity(self, session_id: str, request_duration_ms: int | None = None) -> bool:
         """Count one request, add its duration and move the last activity to now, in one statement.
@@ -220,8 +229,8 @@ class SupabaseSessionService:
         """
         check_session_id(session_id)
         duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
-        store = await self._ready()
-        return await store.count_request(session_id, duration_ms=duration, now=self.clock.now()) is not None
+        counted = await _count_request(await self._database(), session_id, duration_ms=duration, now=self.clock.now())
+        return counted is not None
 
     @staticmethod
     def serialize_session(session: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +253,109 @@ class SupabaseSessionService:
     def __repr__(self) -> str:
         where = f"connected on {len(self._stores)} event loop(s)" if self._stores else "not connected"
         return f"<{type(self).__name__} {'enabled' if self.enabled else 'disabled'}, {where}>"
+
+
+# -- the statements of this API alone
+
+# What save_session keeps of a row it overwrites: when the session began, its expiry, and
+# its version, which goes on from the old row's.
+_KEPT_BY_SAVE = frozenset({"session_id", "created_at", "expires_at", "version"})
+
+
+@functools.cache
+def _save_query() -> bytes:
+    columns, values = insert_lists()
+    updates: list[sql.Composable] = [
+        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(column))
+        for field, column in COLUMNS.items()
+        if field not in _KEPT_BY_SAVE
+    ]
+    updates.append(sql.SQL("version = sessions.version + 1"))
+    return (
+        sql.SQL(
+            "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
+            " ON CONFLICT (session_id) DO UPDATE SET {updates} RETURNING {returning}"
+        )
+        .format(table=TABLE, columns=columns, values=values, updates=sql.SQL(", ").join(updates), returning=RETURNING)
+        .as_bytes(None)
+    )
+
+
+@functools.cache
+def _recent_query(*, of_one_state: bool) -> bytes:
+    where = sql.SQL(" WHERE session_state = %(state)s") if of_one_state else sql.SQL("")
+    return (
+        sql.SQL(
+            "SELECT {returning} FROM {table} AS sessions{where}"
+            " ORDER BY last_activity_at DESC, session_id LIMIT %(limit)s"
+        )
+        .format(returning=RETURNING, table=TABLE, where=where)
+        .as_bytes(None)
+    )
+
+
+@functools.cache
+def _delete_idle_query() -> bytes:
+    # In batches, as SessionStore.expire_stale. The DELETE checks the cutoff again on the row
+    # it locked: a session used meanwhile (its last_activity_at moved past it) stays.
+    return (
+        sql.SQL(
+            "WITH idle AS (SELECT id FROM {table} WHERE last_activity_at < %(before)s LIMIT %(batch)s),"
+            " gone AS (DELETE FROM {table} AS sessions USING idle"
+            " WHERE sessions.id = idle.id AND sessions.last_activity_at < %(before)s RETURNING 1)"
+            " SELECT count(*) FROM gone"
+        )
+        .format(table=TABLE)
+        .as_bytes(None)
+    )
+
+
+async def _fetch_session(database: Database, action: str, query: Query, params: Mapping[str, Any]) -> Session | None:
+    row = await database.fetch_one(action, query, params)
+    return None if row is None else to_session(row)
+
+
+async def _save(database: Database, session: Session) -> Session:
+    """Insert ``session``, or overwrite the row of its id in whatever state, in one statement.
+
+    Overwriting keeps the row's ``created_at``, ``expires_at`` and version history (its
+    version goes up by one); every other field is ``session``'s.
+    """
+    action = f"saving session {session.session_id!r}"
+    stored = await _fetch_session(database, action, _save_query(), column_params(session))
+    assert stored is not None  # an upsert returns its row
+    return stored
+
+
+async def _count_request(database: Database, session_id: str, *, duration_ms: int, now: datetime) -> Session | None:
+    """Count one request atomically on the row in whatever state; None when there is no row."""
+    params = {"id": session_id, "duration_ms": duration_ms, "now": now}
+    action = f"counting a request of session {session_id!r}"
+    return await _fetch_session(database, action, count_request_query(), params)
+
+
+async def _recent(database: Database, *, state: SessionState | None, limit: int) -> list[Session]:
+    """Up to ``limit`` rows (of one ``state``, or any), the most recently active first."""
+    query = _recent_query(of_one_state=state is not None)
+    params = {"state": None if state is None else str(state), "limit": limit}
+    rows = await database.fetch_all("listing sessions", query, params)
+    return [to_session(row) for row in rows]
+
+
+async def _delete_idle(database: Database, *, before: datetime, batch_size: int = 5000) -> int:
+    """Delete every row, in any state, last active before ``before``; return how many."""
+    params = {"before": before, "batch": batch_size}
+    deleted = 0
+    while True:
+        row = await database.fetch_one("deleting idle sessions", _delete_idle_query(), params)
+        assert row is not None  # an aggregate always returns its row
+        batch: int = row[0]
+        deleted += batch
+        if batch < batch_size:
+            return deleted
+
+
+# -- conversions
 
 
 def _check_dict(name: str, value: object) -> None:

@@ -6,6 +6,9 @@ committed, and counters and merges are computed in SQL so that concurrent writer
 lose an update.
 Every method returns the row as PostgreSQL stored it: what a manager hands out is, by
 construction, what any other replica or a reload after a crash reads.
+It implements ``store_interface.ManagedStorage``, as ``MemoryStore`` does; the statements
+only the original service API runs are in session_service.py, built from this module's
+``TABLE``, ``RETURNING``, ``insert_lists``, ``column_params`` and ``to_session``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Self, Unpack
+from typing import Any, Self, Unpack
 
 import psycopg
 from psycopg import Rollback, sql
@@ -22,10 +25,9 @@ from psycopg.types.json import Jsonb
 
 from .db import Database, PoolOptions, Query, database_errors, tuple_cursor
 from .errors import PersistenceError, SchemaMissing, SessionConflict
-from .models import Session, SessionMetrics, SessionState, check_json_object
-
-if TYPE_CHECKING:
-    from .events import SessionEvents
+from .events import EventStore, SessionEvents
+from .models import Session, SessionMetrics, check_json_object
+from .store_interface import ManagedStorage
 
 # Python field -> column of public.sessions; the one place that knows the mapping.
 COLUMNS: Mapping[str, str] = {
@@ -61,10 +63,10 @@ _TYPES: Mapping[str, str] = {
     "expires_at": "timestamptz",
     "version": "bigint",
 }
-# Sessions come back as tuples in this order, the order of _RETURNING's columns.
+# Sessions come back as tuples in this order, the order of RETURNING's columns.
 _FIELDS = tuple(COLUMNS)
 _JSON_FIELDS = frozenset({"data", "metadata"})
-_TABLE = sql.Identifier("public", "sessions")
+TABLE = sql.Identifier("public", "sessions")
 
 
 def _select_list() -> sql.Composable:
@@ -78,7 +80,8 @@ def _select_list() -> sql.Composable:
     return sql.SQL(", ").join(items)
 
 
-_RETURNING = _select_list()
+# Every column as the Session field it fills, in COLUMNS' order: what to_session() reads.
+RETURNING = _select_list()
 # A row the manager may use: active, not idle past the cutoff, not past its expiry.
 _LIVE = sql.SQL(
     "{t}.session_state = 'active' AND {t}.last_activity_at >= %(stale_before)s"
@@ -116,7 +119,7 @@ def _compiled(query: sql.Composable) -> bytes:
     return query.as_bytes(None)
 
 
-def _insert_lists() -> tuple[sql.Composed, sql.Composed]:
+def insert_lists() -> tuple[sql.Composed, sql.Composed]:
     """Every column, and the typed parameter of each: what an INSERT of a whole session names."""
     columns = sql.SQL(", ").join(sql.Identifier(column) for column in COLUMNS.values())
     values = sql.SQL(", ").join(
@@ -126,7 +129,7 @@ def _insert_lists() -> tuple[sql.Composed, sql.Composed]:
 
 
 def _create_query_composed(*, limited: bool) -> sql.Composed:
-    columns, values = _insert_lists()
+    columns, values = insert_lists()
     # created_at restarts too: a restarted id is a new session. Its version goes on from the
     # old row's, so a compare-and-set that read the old session cannot hit the new one.
     updates = sql.SQL(", ").join(
@@ -145,13 +148,13 @@ def _create_query_composed(*, limited: bool) -> sql.Composed:
         "INSERT INTO {table} AS sessions ({columns}) SELECT {values}{reserve}"
         " ON CONFLICT (session_id) DO UPDATE SET {updates} WHERE NOT ({live}) RETURNING {returning}"
     ).format(
-        table=_TABLE,
+        table=TABLE,
         columns=columns,
         values=values,
         reserve=reserve,
         updates=updates,
         live=_LIVE_SESSIONS,
-        returning=_RETURNING,
+        returning=RETURNING,
     )
 
 
@@ -164,7 +167,7 @@ def _create_query(*, limited: bool) -> bytes:
 def _fetch_live_query() -> bytes:
     return _compiled(
         sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}").format(
-            returning=_RETURNING, table=_TABLE, live=_LIVE_FOUND
+            returning=RETURNING, table=TABLE, live=_LIVE_FOUND
         )
     )
 
@@ -173,31 +176,7 @@ def _fetch_live_query() -> bytes:
 def _fetch_query() -> bytes:
     return _compiled(
         sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s").format(
-            returning=_RETURNING, table=_TABLE
-        )
-    )
-
-
-# What save() keeps of a row it overwrites: when the session began, its expiry, and its
-# version, which goes on from the old row's.
-_KEPT_BY_SAVE = frozenset({"session_id", "created_at", "expires_at", "version"})
-
-
-@functools.cache
-def _save_query() -> bytes:
-    columns, values = _insert_lists()
-    updates: list[sql.Composable] = [
-        sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(column))
-        for field, column in COLUMNS.items()
-        if field not in _KEPT_BY_SAVE
-    ]
-    updates.append(sql.SQL("version = sessions.version + 1"))
-    return _compiled(
-        sql.SQL(
-            "INSERT INTO {table} AS sessions ({columns}) VALUES ({values})"
-            " ON CONFLICT (session_id) DO UPDATE SET {updates} RETURNING {returning}"
-        ).format(
-            table=_TABLE, columns=columns, values=values, updates=sql.SQL(", ").join(updates), returning=_RETURNING
+            returning=RETURNING, table=TABLE
         )
     )
 
@@ -211,33 +190,13 @@ def _record_request_query(*, live_only: bool = True) -> bytes:
             " total_duration_ms = total_duration_ms + %(duration_ms)s, last_activity_at = %(now)s,"
             " version = version + 1"
             " WHERE session_id = %(id)s{guard} RETURNING {returning}"
-        ).format(table=_TABLE, guard=guard, returning=_RETURNING)
+        ).format(table=TABLE, guard=guard, returning=RETURNING)
     )
 
 
-@functools.cache
-def _recent_query(*, of_one_state: bool) -> bytes:
-    where = sql.SQL(" WHERE session_state = %(state)s") if of_one_state else sql.SQL("")
-    return _compiled(
-        sql.SQL(
-            "SELECT {returning} FROM {table} AS sessions{where}"
-            " ORDER BY last_activity_at DESC, session_id LIMIT %(limit)s"
-        ).format(returning=_RETURNING, table=_TABLE, where=where)
-    )
-
-
-@functools.cache
-def _delete_idle_query() -> bytes:
-    # In batches, as _expire_stale_query. The DELETE checks the cutoff again on the row it
-    # locked: a session used meanwhile (its last_activity_at moved past it) stays.
-    return _compiled(
-        sql.SQL(
-            "WITH idle AS (SELECT id FROM {table} WHERE last_activity_at < %(before)s LIMIT %(batch)s),"
-            " gone AS (DELETE FROM {table} AS sessions USING idle"
-            " WHERE sessions.id = idle.id AND sessions.last_activity_at < %(before)s RETURNING 1)"
-            " SELECT count(*) FROM gone"
-        ).format(table=_TABLE)
-    )
+def count_request_query() -> bytes:
+    """``record_request``'s UPDATE without the liveness check: the original service counts on a row in any state."""
+    return _record_request_query(live_only=False)
 
 
 @functools.cache
@@ -253,7 +212,7 @@ def _record_requests_query() -> bytes:
             " AS batch(batch_session_id, requests, duration_ms)"
             " WHERE sessions.session_id = ANY(%(ids)s::text[]) AND sessions.session_id = batch.batch_session_id"
             " AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
+        ).format(table=TABLE, live=_LIVE_FOUND, returning=RETURNING)
     )
 
 
@@ -270,7 +229,7 @@ def _update_query(fields: Iterable[str], *, compare_version: bool) -> sql.Compos
     return sql.SQL(
         "UPDATE {table} AS sessions SET {assignments} WHERE session_id = %(id)s AND {live}{guard} RETURNING {returning}"
     ).format(
-        table=_TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_FOUND, guard=guard, returning=_RETURNING
+        table=TABLE, assignments=sql.SQL(", ").join(assignments), live=_LIVE_FOUND, guard=guard, returning=RETURNING
     )
 
 
@@ -282,7 +241,7 @@ def _merge_query() -> bytes:
         sql.SQL(
             "UPDATE {table} AS sessions SET session_data = session_data || %(patch)s, last_activity_at = %(now)s,"
             " version = version + 1 WHERE session_id = %(id)s AND {live} RETURNING {returning}"
-        ).format(table=_TABLE, live=_LIVE_FOUND, returning=_RETURNING)
+        ).format(table=TABLE, live=_LIVE_FOUND, returning=RETURNING)
     )
 
 
@@ -290,7 +249,7 @@ def _merge_query() -> bytes:
 def _live_ids_query() -> bytes:
     return _compiled(
         sql.SQL("SELECT session_id FROM {table} AS sessions WHERE {live} ORDER BY session_id").format(
-            table=_TABLE, live=_LIVE_SESSIONS
+            table=TABLE, live=_LIVE_SESSIONS
         )
     )
 
@@ -304,7 +263,7 @@ def _metrics_query() -> bytes:
         sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE {live}), max({age}), min({age}), avg({age})"
             " FROM {table} AS sessions WHERE session_state = 'active'"
-        ).format(table=_TABLE, live=_LIVE_SESSIONS, age=age)
+        ).format(table=TABLE, live=_LIVE_SESSIONS, age=age)
     )
 
 
@@ -319,7 +278,7 @@ def _expire_stale_query() -> sql.Composed:
         " UPDATE {table} AS sessions SET session_state = 'expired', version = version + 1"
         " FROM stale WHERE sessions.id = stale.id AND session_state = 'active' AND NOT ({live})"
         " RETURNING session_id, user_id"
-    ).format(table=_TABLE, live=_LIVE_SESSIONS)
+    ).format(table=TABLE, live=_LIVE_SESSIONS)
 
 
 def _param(field: str, value: Any) -> Any:
@@ -330,8 +289,13 @@ def _param(field: str, value: Any) -> Any:
     return value
 
 
-def _to_session(row: Sequence[Any]) -> Session:
-    """The session in a row of ``_RETURNING``'s columns."""
+def column_params(session: Session) -> dict[str, Any]:
+    """Every field of ``session`` as the parameter of its column: what ``insert_lists()`` names."""
+    return {field: _param(field, getattr(session, field)) for field in COLUMNS}
+
+
+def to_session(row: Sequence[Any]) -> Session:
+    """The session in a row of ``RETURNING``'s columns."""
     try:
         return Session.from_database(dict(zip(_FIELDS, row, strict=True)))
     except (ValueError, KeyError, AttributeError) as error:
@@ -341,10 +305,14 @@ def _to_session(row: Sequence[Any]) -> Session:
         ) from error
 
 
-class SessionStore:
+_to_session = to_session  # the name benchmarks/profile_calls.py imports
+
+
+class SessionStore(ManagedStorage):
     """Async access to ``public.sessions`` through a ``Database`` (its pool, deadlines and errors)."""
 
     persistent = True  # what it writes survives the process (MemoryStore: False)
+    kind = "persisted"
 
     def __init__(self, database: Database, *, close_database: bool = True) -> None:
         """Use ``await SessionStore.open(...)``, or pass a ``Database`` another store shares.
@@ -377,6 +345,10 @@ class SessionStore:
     def pool_options(self) -> dict[str, Any]:
         return self.database.pool_options
 
+    def event_store(self) -> EventStore:
+        """An EventStore on this store's database: lifecycle events commit with the changes they record."""
+        return EventStore(self.database)
+
     async def close(self) -> None:
         if self._owns_database:
             await self.database.close()
@@ -393,7 +365,7 @@ class SessionStore:
 
     async def _fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> Session | None:
         row = await self.database.fetch_one(action, query, params)
-        return None if row is None else _to_session(row)
+        return None if row is None else to_session(row)
 
     async def create(
         self,
@@ -415,15 +387,13 @@ class SessionStore:
         params: dict[str, Any] = {}
         if events is not None:
             query, params = _logged(_create_query_composed(limited=limited), events, sql.SQL("*"))
-        params.update({f: _param(f, getattr(session, f)) for f in COLUMNS})
+        params.update(column_params(session))
         params.update(limit=limit, stale_before=stale_before, now=now)
         return await self._fetch_one(f"creating session {session.session_id!r}", query, params)
 
     async def check(self) -> None:
         """Raise PersistenceError unless ``public.sessions`` has every column the store reads (reads no row)."""
-        query = sql.SQL("SELECT {returning} FROM {table} AS sessions LIMIT 0").format(
-            returning=_RETURNING, table=_TABLE
-        )
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions LIMIT 0").format(returning=RETURNING, table=TABLE)
         try:
             await self.database.fetch_all("checking public.sessions", query, {})
         except PersistenceError as error:
@@ -446,12 +416,6 @@ class SessionStore:
         """Count one request atomically; None when no live session has the id."""
         params = {"id": session_id, "duration_ms": duration_ms, "now": now, "stale_before": stale_before}
         return await self._fetch_one(f"recording a request of session {session_id!r}", _record_request_query(), params)
-
-    async def count_request(self, session_id: str, *, duration_ms: int, now: datetime) -> Session | None:
-        """Count one request atomically on the row in whatever state; None when there is no row."""
-        params = {"id": session_id, "duration_ms": duration_ms, "now": now}
-        query = _record_request_query(live_only=False)
-        return await self._fetch_one(f"counting a request of session {session_id!r}", query, params)
 
     async def record_requests(
         self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
@@ -477,7 +441,7 @@ class SessionStore:
             rows = await cur.fetchall()
             if len(rows) != len(ids):
                 raise Rollback(transaction)  # leaves the block quietly, nothing counted
-        return [_to_session(row) for row in rows]
+        return [to_session(row) for row in rows]
 
     async def update(
         self,
@@ -518,41 +482,11 @@ class SessionStore:
             row = await cur.fetchone()
             if row is None:
                 return None
-            stored = _to_session(row)
+            stored = to_session(row)
             # Raising rolls the merge back: the limit holds for the merged object, which
             # only the database sees whole.
             check_json_object(stored.data)
         return stored
-
-    async def save(self, session: Session) -> Session:
-        """Insert ``session``, or overwrite the row of its id in whatever state, in one statement.
-
-        Overwriting keeps the row's ``created_at``, ``expires_at`` and version history (its
-        version goes up by one); every other field is ``session``'s.
-        """
-        params = {f: _param(f, getattr(session, f)) for f in COLUMNS}
-        stored = await self._fetch_one(f"saving session {session.session_id!r}", _save_query(), params)
-        assert stored is not None  # an upsert returns its row
-        return stored
-
-    async def recent(self, *, state: SessionState | None = None, limit: int) -> list[Session]:
-        """Up to ``limit`` rows (of one ``state``, or any), the most recently active first."""
-        query = _recent_query(of_one_state=state is not None)
-        params = {"state": None if state is None else str(state), "limit": limit}
-        rows = await self.database.fetch_all("listing sessions", query, params)
-        return [_to_session(row) for row in rows]
-
-    async def delete_idle(self, *, before: datetime, batch_size: int = 5000) -> int:
-        """Delete every row, in any state, last active before ``before``; return how many."""
-        params = {"before": before, "batch": batch_size}
-        deleted = 0
-        while True:
-            row = await self.database.fetch_one("deleting idle sessions", _delete_idle_query(), params)
-            assert row is not None  # an aggregate always returns its row
-            batch: int = row[0]
-            deleted += batch
-            if batch < batch_size:
-                return deleted
 
     async def live_ids(self, *, stale_before: datetime, now: datetime) -> list[str]:
         """The ids of every live session, sorted."""
@@ -571,7 +505,7 @@ class SessionStore:
     async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
         """Delete the row; False when there was none. ``events``: record it, in the same statement."""
         change = sql.SQL("DELETE FROM {table} WHERE session_id = %(id)s RETURNING session_id, user_id").format(
-            table=_TABLE
+            table=TABLE
         )
         query, params = _logged(change, events, sql.SQL("session_id"))
         params["id"] = session_id
@@ -593,23 +527,25 @@ class SessionStore:
             if len(batch) < batch_size:
                 return expired
 
-    async def delete_all(self) -> int:
-        """Delete every row, live or not; return how many (for tests that start afresh, never in production)."""
-        query = sql.SQL("DELETE FROM {table}").format(table=_TABLE)
-        async with self.database.connection("deleting every session") as conn:
-            cur = await conn.execute(query)
-            return cur.rowcount
-
     async def iter_live(
         self, *, stale_before: datetime, now: datetime, batch_size: int = 2000
     ) -> AsyncIterator[Session]:
         """Yield every live session, streamed through a server-side cursor (no page limit)."""
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
-            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+            returning=RETURNING, table=TABLE, live=_LIVE_SESSIONS
         )
         params = {"stale_before": stale_before, "now": now}
         async for row in self.database.stream("recovering sessions", query, params, batch_size=batch_size):
-            yield _to_session(row)
+            yield to_session(row)
+
+    # CrashTestable (and abandon, beside close): for the crash tools, never the application.
+
+    async def delete_all(self) -> int:
+        """Delete every row, live or not; return how many (for tests that start afresh, never in production)."""
+        query = sql.SQL("DELETE FROM {table}").format(table=TABLE)
+        async with self.database.connection("deleting every session") as conn:
+            cur = await conn.execute(query)
+            return cur.rowcount
 
     def read_live(self, *, stale_before: datetime, now: datetime) -> dict[str, Session]:
         """Every live session by id, read on a connection of its own without an event loop.
@@ -617,15 +553,15 @@ class SessionStore:
         For synchronous callers (``snapshot``): works while the pool is closed or abandoned.
         """
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE {live}").format(
-            returning=_RETURNING, table=_TABLE, live=_LIVE_SESSIONS
+            returning=RETURNING, table=TABLE, live=_LIVE_SESSIONS
         )
         with database_errors("reading live sessions"), psycopg.connect(self.conninfo, autocommit=True) as conn:
             rows = conn.cursor(row_factory=tuple_row).execute(query, {"stale_before": stale_before, "now": now})
-            sessions = [_to_session(row) for row in rows]
+            sessions = [to_session(row) for row in rows]
         return {session.session_id: session for session in sessions}
 
     async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:
         """Every row, live or not (for checks after a crash), streamed like ``iter_live``."""
-        query = sql.SQL("SELECT {returning} FROM {table} AS sessions").format(returning=_RETURNING, table=_TABLE)
+        query = sql.SQL("SELECT {returning} FROM {table} AS sessions").format(returning=RETURNING, table=TABLE)
         async for row in self.database.stream("reading all sessions", query, {}, batch_size=batch_size):
-            yield _to_session(row)
+            yield to_session(row)
