@@ -1,8 +1,9 @@
 """Workloads the process crash tests run in a child process (importable by name from there)."""
 
 import asyncio
+import contextlib
 
-from pytest_exai_sessions import SessionManager
+from pytest_exai_sessions import PersistenceError, SessionConflict, SessionManager
 
 
 async def counting_with_a_fault_point(ctx):
@@ -45,3 +46,47 @@ async def counting(ctx):
     while True:
         for number in range(5):
             await ctx.update_activity(f"f{number}")
+
+
+async def refusals_between_writes(ctx):
+    """A refused compare-and-set (a ``fail``) before each one that succeeds (``ok``)."""
+    version = (await ctx.ensure("cas")).version
+    for number in range(1_000_000):
+        with contextlib.suppress(SessionConflict):
+            await ctx.update("cas", data={"n": number}, expected_version=version + 1000)
+        version = (await ctx.update("cas", data={"n": number}, expected_version=version)).version
+
+
+async def writes_outside_the_history(ctx):
+    """Writes a session without recording it: the checker must find a row nothing explains."""
+    await ctx.ensure("seen")
+    await ctx.manager.ensure("ghost")
+    while True:
+        await ctx.update_activity("seen")
+
+
+class AnswerLostManager(SessionManager):
+    """Every update takes effect, then raises as if its answer was lost on the way."""
+
+    async def update(self, session_id, **changes):
+        await super().update(session_id, **changes)
+        raise PersistenceError("the answer was lost on the way")
+
+
+async def updates_whose_answer_is_lost(ctx):
+    await ctx.ensure("lost-answers")
+    for number in range(1_000_000):
+        if number == 5:
+            await ctx.fault_point("five")
+        with contextlib.suppress(PersistenceError):
+            await ctx.update("lost-answers", data={"n": number})
+
+
+async def refusals_between_writes_per_replica(ctx):
+    """``refusals_between_writes`` on a session of each replica's own, for ``params["steps"]`` rounds."""
+    session_id = f"cas-{ctx.replica}"
+    version = (await ctx.ensure(session_id)).version
+    for number in range(int(ctx.params["steps"])):
+        with contextlib.suppress(SessionConflict):
+            await ctx.update(session_id, data={"n": number}, expected_version=version + 1000)
+        version = (await ctx.update(session_id, data={"n": number}, expected_version=version)).version

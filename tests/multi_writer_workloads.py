@@ -42,8 +42,8 @@ async def removal_handshake(ctx):
     """Replica 0 removes a session only after every other replica was served it; then they read it again.
 
     ``list_ids`` (it reads the database whatever ``get`` does) tells the readers when replica 0
-    has been acknowledged the removal: it creates a marker session (outside the history) only
-    after ``remove`` returned, so every second read starts after the removal's acknowledgement.
+    has been acknowledged the removal: it removes each reader's ``seen-<n>`` session only
+    after that ``remove`` returned, so every second read starts after the removal's acknowledgement.
     """
     readers = int(ctx.params["replica_numbers"]) - 1
     if ctx.replica == 0:
@@ -52,11 +52,12 @@ async def removal_handshake(ctx):
         while not seen <= set(await ctx.manager.list_ids()):
             await asyncio.sleep(0.01)
         await ctx.remove("gone-handshake")
-        await ctx.manager.ensure("removal-acknowledged")
+        for session_id in sorted(seen):
+            await ctx.remove(session_id)
         return
     while await ctx.get("gone-handshake") is None:
         await asyncio.sleep(0.01)
     await ctx.ensure(f"seen-{ctx.replica}")  # tells replica 0: served once
-    while "removal-acknowledged" not in await ctx.manager.list_ids():
+    while f"seen-{ctx.replica}" in await ctx.manager.list_ids():
         await asyncio.sleep(0.01)
     await ctx.get("gone-handshake")

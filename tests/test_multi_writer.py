@@ -3,7 +3,8 @@
 import pytest
 
 from pytest_exai_sessions import Session
-from pytest_exai_sessions.testing.history import HistoryBook
+from pytest_exai_sessions.testing.crash import Completed, Invoked, check
+from pytest_exai_sessions.testing.crash import History as RecordedHistory
 from pytest_exai_sessions.testing.workloads import replica_workload
 
 OPTIONS = {"max_concurrent_sessions": 1000}
@@ -138,33 +139,24 @@ class History:
     """Builds ledger records as replicas write them; times are the monotonic readings."""
 
     def __init__(self):
-        self.book = HistoryBook()
+        self.book = RecordedHistory(many_writers=True)
         self.sequences = {}
 
     def op(self, replica, session_id, name, *, at, ack_at=None, args=None, state=None, outcome="ok", details=None):
         sequence = self.sequences[replica] = self.sequences.get(replica, 0) + 1
-        self.book.add(
-            {
-                "t": "intent",
-                "r": replica,
-                "seq": sequence,
-                "sid": session_id,
-                "op": name,
-                "args": args or {},
-                "expect": None,
-                "at": at,
-            }
-        )
+        self.book.add(Invoked(replica, sequence, session_id, name, args or {}, None, at=at))
         if ack_at is None:
             return  # in flight
         if outcome == "ok":
-            record = {"t": "ack", "state": state, "details": details or {}}
+            completed = Completed(replica, sequence, session_id, "ok", state, details=details or {}, at=ack_at)
         else:
-            record = {"t": "refused", "outcome": outcome, "details": details or {}}
-        self.book.add({**record, "r": replica, "seq": sequence, "sid": session_id, "at": ack_at})
+            completed = Completed(
+                replica, sequence, session_id, "fail", reason=outcome, details=details or {}, at=ack_at
+            )
+        self.book.add(completed)
 
     def check(self, *rows):
-        return self.book.check({r.session_id: r for r in rows})
+        return check(self.book, {r.session_id: r for r in rows})
 
 
 def counter_history(final_count, *, in_flight=0):

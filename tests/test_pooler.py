@@ -20,7 +20,8 @@ from pg_leftovers import read_proc, wait_until_gone
 from pytest_exai_sessions.plugin.config import ExaiConfig
 from pytest_exai_sessions.server import TemporaryPostgres, find_bindir, server_os_user
 from pytest_exai_sessions.server.cluster import OWNER_LOCK, sweep_stale_clusters
-from pytest_exai_sessions.server.pooler import PgBouncer, pooler_at
+from pytest_exai_sessions.server.database import DatabaseDsn, DatabaseUnderTest
+from pytest_exai_sessions.server.pooler import PgBouncer
 from pytest_exai_sessions.testing.crash import CrashHarness
 
 AS_ROOT = os.geteuid() == 0
@@ -130,19 +131,21 @@ def test_a_bad_mode_is_refused_before_anything_starts(server: TemporaryPostgres)
     assert [p for p in server.basedir.iterdir()] == [server.root]
 
 
-def test_a_crash_harness_given_only_a_pooled_dsn_finds_the_pooler_and_the_direct_dsn(
+def test_a_crash_harness_takes_the_pooler_and_the_direct_dsn_from_the_database_not_from_the_dsn(
     server: TemporaryPostgres,
 ) -> None:
     pooler = PgBouncer(server, os_user=server_os_user(None), basedir=server.basedir).start()
-    pooled = pooler.dsn("shop")
     try:
-        assert pooler_at(pooled) is pooler
-        assert pooler_at(server.dsn("shop")) is None
+        pooled = DatabaseDsn(DatabaseUnderTest("shop", server, pooler))
+        assert pooled == pooler.dsn("shop")  # a DSN like any other to psycopg
         harness = CrashHarness(pooled, server)
         assert harness.pooler is pooler
         assert harness.direct_dsn == server.dsn("shop")
+        assert CrashHarness(DatabaseUnderTest("shop", server, pooler)).pooler is pooler
+        # A plain DSN says nothing of a pooler, whatever it connects to.
+        plain = CrashHarness(pooler.dsn("shop"), server)
+        assert plain.pooler is None and plain.direct_dsn == pooler.dsn("shop")
         direct = CrashHarness(server.dsn("shop"), server)
         assert direct.pooler is None and direct.direct_dsn == server.dsn("shop")
     finally:
         pooler.stop()
-    assert pooler_at(pooled) is None  # stopped: a harness made now would not take it

@@ -3,7 +3,7 @@
 import pytest
 
 from pytest_exai_sessions import Session
-from pytest_exai_sessions.testing.ledger import LedgerBook
+from pytest_exai_sessions.testing.crash import Completed, History, Invoked, check
 from pytest_exai_sessions.testing.workloads import mixed_workload
 
 # 24 kill points spread over a mixed workload of 3 concurrent workers.
@@ -114,22 +114,34 @@ def session(**fields):
     return Session.model_validate(state(**fields))
 
 
+class Book:
+    """A one-writer history and the fault that ended it, checked against recovered rows."""
+
+    def __init__(self, history):
+        self.history = history
+
+    def check(self, rows, _where_it_was_killed):
+        return check(self.history, rows)
+
+
 class TestTheLedgerRules:
     """What counts as a violation, without a database: the rules on their own."""
 
     def book(self, *records):
-        book = LedgerBook()
-        for record in records:
-            book.add(record)
-        return book
+        history = History()
+        history.add_all(records)
+        return Book(history)
 
     def intent(self, seq, sid, op, args=None, expect=None):
-        return {"t": "intent", "seq": seq, "sid": sid, "op": op, "args": args or {}, "expect": expect}
+        return Invoked(0, seq, sid, op, args or {}, expect, at=seq)
+
+    def ack(self, seq, sid, state):
+        return Completed(0, seq, sid, "ok", state, at=seq + 0.5)
 
     def test_an_acknowledged_state_must_come_back_exactly(self):
         book = self.book(
             self.intent(1, "a", "update_activity", {"request_duration_ms": 5}),
-            {"t": "ack", "seq": 1, "sid": "a", "state": state("a", request_count=1, total_duration_ms=5)},
+            self.ack(1, "a", state("a", request_count=1, total_duration_ms=5)),
         )
         assert book.check({"a": session(session_id="a", request_count=1, total_duration_ms=5)}, "x").ok
         lost = book.check({"a": session(session_id="a")}, "x")
@@ -141,7 +153,7 @@ class TestTheLedgerRules:
     def test_a_write_in_flight_is_wholly_present_or_wholly_absent(self):
         book = self.book(
             self.intent(1, "a", "ensure", expect={"state": "active"}),
-            {"t": "ack", "seq": 1, "sid": "a", "state": state("a", request_count=2, total_duration_ms=10)},
+            self.ack(1, "a", state("a", request_count=2, total_duration_ms=10)),
             self.intent(2, "a", "update_activity", {"request_duration_ms": 7}),
         )
         absent = session(session_id="a", request_count=2, total_duration_ms=10)
@@ -156,7 +168,7 @@ class TestTheLedgerRules:
     def test_an_update_in_flight_may_not_be_half_applied(self):
         book = self.book(
             self.intent(1, "a", "ensure", expect={"state": "active"}),
-            {"t": "ack", "seq": 1, "sid": "a", "state": state("a")},
+            self.ack(1, "a", state("a")),
             self.intent(2, "a", "update", expect={"data": {"x": 1}, "metadata": {"y": 2}}),
         )
         assert book.check({"a": session(session_id="a", data={"x": 1}, metadata={"y": 2}, version=2)}, "x").ok
@@ -167,7 +179,7 @@ class TestTheLedgerRules:
     def test_a_removed_session_must_stay_removed(self):
         book = self.book(
             self.intent(1, "a", "remove"),
-            {"t": "ack", "seq": 1, "sid": "a", "state": None},
+            self.ack(1, "a", None),
         )
         assert book.check({}, "x").ok
         assert "removed" in str(book.check({"a": session(session_id="a")}, "x").violations[0])

@@ -27,6 +27,7 @@ import pytest_asyncio
 
 from ..errors import SchemaMissing
 from ..manager import SessionManager
+from ..server.database import DatabaseDsn, DatabaseUnderTest
 from ..server.pooler import PgBouncer
 from ..testing.app_migrations import Entry
 from ..testing.databases import TestDatabases
@@ -100,15 +101,14 @@ def _clone_fixture(source: str, databases_of: Callable[[dict[str, Any]], TestDat
     return pytest.fixture(fixture)
 
 
-def dsn_of(databases: TestDatabases, pooler: PgBouncer | None, dbname: str) -> str:
+def dsn_of(databases: TestDatabases, pooler: PgBouncer | None, dbname: str) -> DatabaseDsn:
     """What a test connects to: through the run's pooler when there is one in front of this server.
 
     The clone itself is made and dropped directly (``databases``): a pooler's idle server
     connection to the template would block ``CREATE DATABASE ... TEMPLATE``.
     """
-    if pooler is not None and pooler.server is databases.server:
-        return pooler.dsn(dbname)
-    return databases.server.dsn(dbname)
+    in_front = pooler if pooler is not None and pooler.server is databases.server else None
+    return DatabaseDsn(DatabaseUnderTest(dbname, databases.server, in_front))
 
 
 def db_clock(*, dsn: str = "exai_dsn") -> Any:

@@ -11,12 +11,12 @@ from typing import Any, NoReturn
 import psycopg
 import pytest
 import pytest_asyncio
-from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ExaiSessionsError, MigrationError, SchemaMissing
 from ..events import EventStore
 from ..manager import SessionManager
 from ..server import PostgresServer, ServerStartError, TemporaryPostgres, find_bindir, server_os_user
+from ..server.database import database_of
 from ..server.pooler import PgBouncer, PoolerNotFound, PoolerStartError, PoolMode, find_pgbouncer
 from ..store import SessionStore
 from ..testing.crash import CrashHarness
@@ -180,9 +180,13 @@ exai_dsn = factories.database()
 
 
 @pytest.fixture
-def exai_direct_dsn(exai_dsn: str, exai_pg_server: PostgresServer) -> str:
-    """DSN of this test's exai_dsn database straight to the server, past any pooler (LISTEN, advisory locks, admin)."""
-    return exai_pg_server.dsn(str(conninfo_to_dict(exai_dsn)["dbname"]))
+def exai_direct_dsn(exai_dsn: str) -> str:
+    """DSN of this test's exai_dsn database straight to the server, past any pooler (LISTEN, advisory locks, admin).
+
+    An ``exai_dsn`` overridden with a DSN of your own is taken as direct.
+    """
+    database = database_of(exai_dsn)
+    return exai_dsn if database is None else database.direct_dsn
 
 
 @pytest.fixture
@@ -287,25 +291,14 @@ def _skip(reason: str) -> NoReturn:
 
 @pytest_asyncio.fixture
 async def crash_harness(
-    exai_dsn: str,
-    exai_direct_dsn: str,
-    exai_pg_server: PostgresServer,
-    exai_pooler: PgBouncer | None,
-    exai_db_clock: DbClock,
+    exai_dsn: str, exai_pg_server: PostgresServer, exai_db_clock: DbClock
 ) -> AsyncIterator[CrashHarness]:
     """Crash helpers: crash_and_restart(manager), snapshot(manager), crash/kill/restart_database(), restart_pooler()."""
     async with await SessionStore.open(exai_dsn) as store:
         missing = await _sessions_table_missing(store)
     if missing is not None:
         _fail(factories.no_sessions_table("crash_harness", missing))
-    harness = CrashHarness(
-        exai_dsn,
-        exai_pg_server,
-        unsupported=_skip,
-        clock=exai_db_clock,
-        pooler=exai_pooler,
-        direct_dsn=exai_direct_dsn,
-    )
+    harness = CrashHarness(exai_dsn, exai_pg_server, unsupported=_skip, clock=exai_db_clock)
     try:
         yield harness
     finally:

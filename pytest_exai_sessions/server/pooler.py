@@ -1,10 +1,9 @@
 """A throwaway PgBouncer in front of a server: production's pooler, in a test run.
 
-Run as the server is: this process's own child (killed by the kernel if we die), as the
-server's OS user when we are root (PgBouncer, like PostgreSQL, refuses to run as root), in
-a private directory of its own that holds its configuration, log and socket. The directory
-carries an ``owner.lock`` like a cluster's, so ``sweep_stale_clusters`` removes it after a
-crash of the run that made it.
+Run as the server is, a ``ChildServer`` (process.py): this process's own child (killed by the
+kernel if we die), as the server's OS user when we are root (PgBouncer, like PostgreSQL,
+refuses to run as root), in a private directory of its own that holds its configuration, log
+and socket, and that ``sweep_stale_clusters`` removes after a crash of the run that made it.
 """
 
 from __future__ import annotations
@@ -14,53 +13,30 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Literal, Self
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ExaiSessionsError
-from .cluster import (
-    _TCP_PORT_RANGE,
-    CLUSTER_PREFIX,
-    OsUser,
-    _die_with_parent,
-    _lock_owner,
-    default_basedir,
-    sweep_stale_clusters,
-)
+from .cluster import default_basedir
 from .connection import PostgresServer, make_dsn
+from .private_directory import CLUSTER_PREFIX
+from .process import PORT_ATTEMPTS, TCP_PORT_RANGE, ChildServer, OsUser, Startable
 
 PoolMode = Literal["transaction", "session"]
 POOL_MODES: tuple[PoolMode, ...] = ("transaction", "session")
 # Where Debian, Homebrew and source builds put the binary, when it is not on PATH (sbin often is not).
 _SEARCHED = ("/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/opt/homebrew/bin", "/usr/bin")
 _UNIX_SOCKET_PORT = 6432  # PgBouncer's usual port; here it only names the socket file
+_SHUTDOWN_TIMEOUT = 30.0  # seconds a signal has to end PgBouncer before SIGKILL
 # Names the binary to use (a path, or a command on PATH) instead of searching for one.
 PGBOUNCER_ENV = "EXAI_SESSIONS_PGBOUNCER"
 INSTALL_HINT = (
     "install PgBouncer (Debian/Ubuntu: apt-get install pgbouncer; Fedora: dnf install pgbouncer; "
     f"macOS: brew install pgbouncer) or put its directory on PATH, or name its binary in {PGBOUNCER_ENV}"
 )
-
-
-# The poolers this process runs, by where clients reach them: a crash helper given only a DSN
-# finds the pooler behind it (and the server past it) here.
-_RUNNING: dict[tuple[str, int], PgBouncer] = {}
-
-
-def pooler_at(dsn: str) -> PgBouncer | None:
-    """The running PgBouncer of this process that ``dsn`` connects to, or None (a direct DSN, another pooler)."""
-    params = conninfo_to_dict(dsn)
-    try:
-        where = (str(params.get("host") or ""), int(params.get("port") or 5432))
-    except ValueError:
-        return None
-    return _RUNNING.get(where)
 
 
 class PoolerNotFound(ExaiSessionsError):
@@ -99,7 +75,7 @@ def pgbouncer_version(binary: Path) -> str:
     return first.removeprefix("PgBouncer").strip() or "unknown"
 
 
-class PgBouncer:
+class PgBouncer(Startable):
     """PgBouncer in ``mode`` in front of ``server``; ``dsn(dbname)`` goes through it.
 
     Every database of the server is reachable through it under its own name, as the
@@ -128,16 +104,19 @@ class PgBouncer:
         self.listen_tcp = listen_tcp
         self.users = tuple(dict.fromkeys((server.user, *users)))
         self.startup_timeout = startup_timeout
-        self.root: Path | None = None
         self.port = _UNIX_SOCKET_PORT
-        self._process: subprocess.Popen[bytes] | None = None
-        self._lock_fd: int | None = None
+        self._child = ChildServer("pooler", log_name="pgbouncer.log", os_user=os_user, failure=PoolerStartError)
 
     # where things are
 
     @property
+    def root(self) -> Path | None:
+        """The pooler's private directory, while it is started."""
+        return self._child.root
+
+    @property
     def host(self) -> str:
-        return "127.0.0.1" if self.listen_tcp else str(self._require_root())
+        return "127.0.0.1" if self.listen_tcp else str(self._child.directory)
 
     @property
     def user(self) -> str:
@@ -145,11 +124,11 @@ class PgBouncer:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None and self._process.poll() is None else None
+        return self._child.pid
 
     @property
     def log_path(self) -> Path:
-        return self._require_root() / "pgbouncer.log"
+        return self._child.log_path
 
     def dsn(self, dbname: str | None = None) -> str:
         """The DSN of database ``dbname`` (default: the server's maintenance one) through the pooler."""
@@ -158,27 +137,17 @@ class PgBouncer:
             password=self.server.password,
         )  # fmt: skip
 
-    def _require_root(self) -> Path:
-        if self.root is None:
-            raise PoolerStartError("the pooler has not been started")
-        return self.root
-
     # lifecycle
 
     def start(self) -> Self:
         """Write the configuration, start PgBouncer and wait until a query goes through it."""
-        sweep_stale_clusters(self.basedir)  # what crashed runs left here, also with no server of ours
-        self.root = Path(tempfile.mkdtemp(prefix=f"{CLUSTER_PREFIX}pooler-", dir=self.basedir))
         try:
-            self._lock_fd = _lock_owner(self.root)
-            if self.os_user is not None:
-                os.chown(self.root, self.os_user.uid, self.os_user.gid)
+            self._child.create_directory(self.basedir, prefix=f"{CLUSTER_PREFIX}pooler-")
             self._write_auth_file()
             self._launch()
         except BaseException:
             self.stop()
             raise
-        _RUNNING[(self.host, self.port)] = self
         return self
 
     def _write_auth_file(self) -> None:
@@ -189,7 +158,7 @@ class PgBouncer:
         self._write("users.txt", "".join(lines))
 
     def _config(self) -> str:
-        root = self._require_root()
+        root = self._child.directory
         server = self.server
         target = f"host={server.host} port={server.port}"
         return "\n".join([
@@ -225,36 +194,15 @@ class PgBouncer:
 
     def _launch(self) -> None:
         """Start PgBouncer on the existing directory (also after a kill), on the same port if it had one."""
-        attempts = 10 if self.listen_tcp and self._process is None else 1
-        for attempt in range(attempts):
-            if self.listen_tcp and self._process is None:
-                self.port = random.randint(*_TCP_PORT_RANGE)
-            self._write("pgbouncer.ini", self._config())
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._process = self._spawn()
-            try:
-                self._wait_until_ready()
-                return
-            except PoolerStartError:
-                if attempt + 1 < attempts and "Address already in use" in self.log_tail(offset=log_offset):
-                    self._process = None
-                    continue
-                raise
+        any_port = self.listen_tcp and self._child.process is None
+        ports = [random.randint(*TCP_PORT_RANGE) for _ in range(PORT_ATTEMPTS)] if any_port else [self.port]
+        self._child.launch(self._start_on, ports, port_taken="Address already in use")
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        root = self._require_root()
-        options: dict[str, Any] = {"cwd": root}
-        if self.os_user is not None:
-            options.update(user=self.os_user.uid, group=self.os_user.gid, extra_groups=[])
-        return subprocess.Popen(
-            [str(self.binary), "-q", str(root / "pgbouncer.ini")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,  # it logs to its logfile
-            # It only calls prctl(), which is safe between fork and exec even with threads.
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-            **options,
-        )
+    def _start_on(self, port: int) -> None:
+        self.port = port
+        self._write("pgbouncer.ini", self._config())
+        self._child.spawn([str(self.binary), "-q", str(self._child.directory / "pgbouncer.ini")], output_to_log=False)
+        self._wait_until_ready()
 
     def wait_until_ready(self, dbname: str | None = None) -> None:
         """Wait until a query on ``dbname`` (default: the maintenance database) goes through.
@@ -265,13 +213,9 @@ class PgBouncer:
         self._wait_until_ready(dbname, starting=False)
 
     def _wait_until_ready(self, dbname: str | None = None, *, starting: bool = True) -> None:
-        assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
         while True:
-            if self._process.poll() is not None:
-                raise PoolerStartError(
-                    f"pgbouncer exited with code {self._process.returncode} while starting:\n{self.log_tail()}"
-                )
+            self._child.raise_if_exited()
             try:
                 with psycopg.connect(self.dsn(dbname), connect_timeout=2) as conn:
                     conn.execute("SELECT 1")
@@ -288,15 +232,7 @@ class PgBouncer:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal PgBouncer (SIGKILL by default) and reap it: every client and server connection drops."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        self._child.kill(sig, timeout=_SHUTDOWN_TIMEOUT)
 
     def restart(self) -> None:
         """Kill PgBouncer and start it again on the same socket or port."""
@@ -305,40 +241,17 @@ class PgBouncer:
 
     def stop(self) -> None:
         """Immediate shutdown (SIGTERM), then remove every file."""
-        try:
-            self.kill(signal.SIGTERM)
-        finally:
-            self._process = None
-            if self.root is not None:
-                if _RUNNING.get((self.host, self.port)) is self:
-                    del _RUNNING[(self.host, self.port)]
-                shutil.rmtree(self.root, ignore_errors=True)
-                self.root = None
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        self._child.stop(signal.SIGTERM, timeout=_SHUTDOWN_TIMEOUT)
 
     def _write(self, name: str, text: str) -> None:
-        path = self._require_root() / name
+        path = self._child.directory / name
         path.write_text(text)
         if self.os_user is not None:
             os.chown(path, self.os_user.uid, self.os_user.gid)
         path.chmod(0o600)
 
     def log_tail(self, lines: int = 30, offset: int = 0) -> str:
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(offset)
-                text = log.read().decode(errors="replace")
-        except (OSError, PoolerStartError):
-            return "(no pgbouncer log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        return self._child.log_tail(lines, offset)
 
     def __repr__(self) -> str:
         return f"<PgBouncer {self.mode} mode at {self.root} pid={self.pid}>"

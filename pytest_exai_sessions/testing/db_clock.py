@@ -15,6 +15,7 @@ import psycopg
 
 from ..clock import ManualClock
 from ..errors import PersistenceError
+from ..server.database import database_of
 
 
 class DbClock(ManualClock):
@@ -55,6 +56,10 @@ def has_db_clock(dsn: str) -> bool:
 
 
 def _database(dsn: str) -> str:
+    known = database_of(dsn)
+    if known is not None:
+        return f"database {known.name!r}"
+    # A DSN of the user's own: its name is only in the string.
     try:
         name = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname")
     except psycopg.ProgrammingError:

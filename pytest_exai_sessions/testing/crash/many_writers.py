@@ -1,15 +1,13 @@
-"""Checking the merged history of several crashed replicas against what the database recovered.
+"""The rules for a session several replicas wrote at once, decided from the merged history.
 
-Each replica (a child process, see ``workload.py``) records every operation's intent and,
-once the awaited call returned, its acknowledgement, both with the replica's number and a
-``time.monotonic()`` reading. CLOCK_MONOTONIC is one clock for every process on the host,
-so an acknowledgement that happened before another operation's intent really came first:
-an operation commits between its intent and its acknowledgement.
-
-The checks (``HistoryBook.check``), per session:
+Each replica stamps every invocation and every answer with ``time.monotonic()``, one clock
+for every process on the host: an operation answered before another was invoked really
+came first, and an operation takes effect between its invocation and its answer. An
+operation of unknown outcome (in flight at a kill, or ``uncertain``) may have taken effect
+or not; a ``fail`` did not. Per session:
 
 - increments: the recovered ``request_count`` is the acknowledged increments plus some of
-  those in flight, and no two acknowledged ``update_activity`` returned the same count;
+  those of unknown outcome, and no two acknowledged ``update_activity`` returned the same count;
 - versions: no two acknowledged writes returned the same version, a compare-and-set that
   succeeded returned its ``expected_version`` + 1, the recovered version is not behind any;
 - merges: every acknowledged merge key is present with its value (unless a write that may
@@ -17,8 +15,10 @@ The checks (``HistoryBook.check``), per session:
 - compare-and-set logs (``update(data={"log": [...]}, expected_version=v)``, where the last
   element is the write's id): every acknowledged id exactly once, in the order of the
   versions the acks returned, no refused id, nothing unknown;
+- whole updates: an update of several fields, one of which shows in the row with a value
+  no other operation gave it, set all of them (or a write that may have come later did);
 - last writer: a field set by plain updates holds the value of the acknowledged update with
-  the highest returned version, or of one in flight;
+  the highest returned version, or of one of unknown outcome;
 - removal: no read (``get``, ``request``) that started after a removal was acknowledged was
   served, and the row is gone at the end, unless something created it again meanwhile;
 - presence: a session acknowledged and never removed is live after recovery;
@@ -33,11 +33,9 @@ version checks only.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
-from ..models import Session
+from .history import Operation, Problem, State
 
 # The operations whose effect the checks know; anything else is an application's own.
 _KNOWN_OPERATIONS = frozenset({"ensure", "update", "merge_data", "update_activity", "request", "get", "remove"})
@@ -48,203 +46,31 @@ _READS = frozenset({"get", "request"})
 _LAST_WRITER_FIELDS = ("metadata", "user_id", "user_type", "ip_address", "user_agent", "expires_at", "state")
 
 
-@dataclass
-class Operation:
-    """One operation of one replica: its intent and, unless it was in flight, its outcome."""
-
-    replica: int
-    sequence: int
-    session_id: str
-    name: str
-    args: dict[str, Any]
-    intent_at: float
-    ack_at: float | None = None
-    # "ok" (returned), "conflict" (compare-and-set refused), "not_found"; None: in flight.
-    outcome: str | None = None
-    state: dict[str, Any] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def in_flight(self) -> bool:
-        return self.outcome is None
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
-
-    @property
-    def version(self) -> int | None:
-        """The version the acknowledged call returned, if it returned a session."""
-        return None if self.state is None else self.state.get("version")
-
-    @property
-    def served(self) -> bool:
-        """A read that handed the caller a session."""
-        if self.name == "get":
-            return self.ok and self.state is not None
-        if self.name == "request":
-            return self.ok or "served_version" in self.details
-        return False
-
-    @property
-    def expected_version(self) -> int | None:
-        return self.args.get("expected_version")
-
-    def committed_before(self, other: Operation) -> bool:
-        """Certainly took effect before ``other`` did: acknowledged before it started."""
-        return self.ack_at is not None and self.ack_at < other.intent_at
-
-    def __str__(self) -> str:
-        args = "".join(f" {name}={value!r}" for name, value in self.args.items())
-        if self.in_flight:
-            outcome = "in flight"
-        elif self.outcome == "ok":
-            returned = "None" if self.state is None else f"v{self.version}"
-            outcome = f"ok -> {returned}"
-        elif self.outcome == "conflict":
-            outcome = f"conflict (current v{self.details.get('current_version')})"
-        else:
-            outcome = self.outcome or ""
-        return f"replica {self.replica} #{self.sequence} {self.name}{args}: {outcome}"
-
-
-@dataclass
-class Violation:
-    session_id: str
-    rule: str
-    problem: str
-    operations: list[Operation] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"session {self.session_id!r} [{self.rule}]: {self.problem}"]
-        lines += [f"    {operation}" for operation in self.operations[:20]]
-        if len(self.operations) > 20:
-            lines.append(f"    ... and {len(self.operations) - 20} more operations")
-        return "\n".join(lines)
-
-
-@dataclass
-class HistoryReport:
-    """What a multi-writer crash test found; ``assert_ok()`` fails naming each violation."""
-
-    replicas: int
-    killed: list[str]
-    acknowledged: int
-    in_flight: int
-    sessions_checked: int
-    recovered: int
-    violations: list[Violation] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    @property
-    def kill_points(self) -> int:
-        return len(self.killed)
-
-    def violations_of(self, session_id: str) -> list[Violation]:
-        return [v for v in self.violations if v.session_id == session_id]
-
-    def assert_ok(self) -> None:
-        if self.violations:
-            lines = "\n".join(str(v) for v in self.violations[:30])
-            more = f"\n... and {len(self.violations) - 30} more" if len(self.violations) > 30 else ""
-            raise AssertionError(
-                f"{len(self.violations)} violations of the acknowledged history ({self.summary()}):\n{lines}{more}"
-            )
-
-    def summary(self) -> str:
-        return (
-            f"{self.replicas} replicas, {self.kill_points} killed, {self.acknowledged} acknowledged, "
-            f"{self.in_flight} in flight, {self.sessions_checked} sessions checked, {self.recovered} recovered, "
-            f"{len(self.violations)} violations"
-        )
-
-
-class HistoryBook:
-    """Merges the ledger records of any number of replicas into one history per session."""
-
-    def __init__(self) -> None:
-        self.replicas: set[int] = set()
-        self.killed: list[str] = []
-        self.finished: set[int] = set()
-        self._operations: dict[tuple[int, int], Operation] = {}
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        kind = record["t"]
-        replica = int(record.get("r", 0))
-        self.replicas.add(replica)
-        if kind == "intent":
-            self._operations[replica, record["seq"]] = Operation(
-                replica=replica,
-                sequence=record["seq"],
-                session_id=record["sid"],
-                name=record["op"],
-                args=dict(record["args"]),
-                intent_at=record["at"],
-            )
-        elif kind in ("ack", "refused"):
-            operation = self._operations[replica, record["seq"]]
-            operation.ack_at = record["at"]
-            operation.outcome = "ok" if kind == "ack" else record["outcome"]
-            operation.state = record.get("state")
-            operation.details = dict(record.get("details") or {})
-        elif kind == "done":
-            self.finished.add(replica)
-        # "ready" and "fault" only matter to the process driving the child.
-
-    def add_all(self, records: Iterable[Mapping[str, Any]]) -> None:
-        for record in records:
-            self.add(record)
-
-    def mark_killed(self, replica: int, description: str) -> None:
-        self.killed.append(f"replica {replica} {description}")
-
-    @property
-    def operations(self) -> list[Operation]:
-        return sorted(self._operations.values(), key=lambda op: op.intent_at)
-
-    def check(self, rows: Mapping[str, Session]) -> HistoryReport:
-        """Compare every stored row (``rows``: all of them, live or not, by id) with the history."""
-        by_session: dict[str, list[Operation]] = {}
-        for operation in self.operations:
-            by_session.setdefault(operation.session_id, []).append(operation)
-        violations: list[Violation] = []
-        for session_id, operations in by_session.items():
-            found = rows.get(session_id)
-            violations += _SessionCheck(session_id, operations, found).run()
-        acknowledged = sum(1 for op in self._operations.values() if not op.in_flight)
-        return HistoryReport(
-            replicas=len(self.replicas),
-            killed=list(self.killed),
-            acknowledged=acknowledged,
-            in_flight=len(self._operations) - acknowledged,
-            sessions_checked=len(by_session),
-            recovered=sum(1 for row in rows.values() if row.state == "active"),
-            violations=violations,
-        )
+def judge(operations: list[Operation], before: State, found: State) -> list[Problem]:
+    """The violations of the rules by the row ``found``; ``operations`` in the order they were invoked."""
+    return _SessionCheck(operations, before, found).run()
 
 
 class _SessionCheck:
-    def __init__(self, session_id: str, operations: list[Operation], found: Session | None) -> None:
-        self.session_id = session_id
-        self.operations = operations  # in order of intent
-        self.found = None if found is None else found.model_dump(mode="json")
-        self.violations: list[Violation] = []
+    def __init__(self, operations: list[Operation], before: State, found: State) -> None:
+        self.operations = operations
+        self.before = before
+        self.found = found
+        self.violations: list[Problem] = []
         self.removals = [op for op in operations if op.name == "remove"]
         self.known = all(op.name in _KNOWN_OPERATIONS for op in operations)
 
     def violation(self, rule: str, problem: str, operations: Iterable[Operation]) -> None:
-        self.violations.append(Violation(self.session_id, rule, problem, list(operations)))
+        self.violations.append((rule, problem, list(operations)))
 
-    def run(self) -> list[Violation]:
+    def run(self) -> list[Problem]:
         self.check_removal()
         if self.removals:
             # Its row may have restarted: counts, versions and data begin again, so only
             # the removal rules are decidable.
             return self.violations
         self.check_versions()
+        self.check_whole_updates()
         if self.known:
             self.check_presence()
             if self.found is not None:
@@ -331,6 +157,45 @@ class _SessionCheck:
                     [newest],
                 )
 
+    # whole updates
+
+    def check_whole_updates(self) -> None:
+        """An update of several fields whose value of one is in the row set all of them."""
+        if self.found is None:
+            return
+        for write in self.operations:
+            fields = {name: value for name, value in write.args.items() if name != "expected_version"}
+            if write.name != "update" or write.failed or len(fields) < 2:
+                continue
+            shown = [
+                name for name, value in fields.items() if self.found.get(name) == value and self._only(write, name)
+            ]
+            if not shown:
+                continue  # no field proves it took effect
+            for name, value in fields.items():
+                later = [
+                    op
+                    for op in self.operations
+                    if op is not write and not op.failed and name in op.args and not op.committed_before(write)
+                ]
+                if self.found.get(name) != value and not later:
+                    self.violation(
+                        "whole update",
+                        f"its {shown[0]} is in the row, but its {name} is not ({self.found.get(name)!r}): half applied",
+                        [write],
+                    )
+
+    def _only(self, write: Operation, name: str) -> bool:
+        """No other operation, and not the state before, gave ``name`` the value ``write`` gives it."""
+        value = write.args[name]
+        if (self.before or {}).get(name) == value:
+            return False
+        return not any(
+            op is not write and (op.args.get(name) == value or (op.state or {}).get(name) == value)
+            for op in self.operations
+            if op.name != "update" or not op.failed
+        )
+
     # presence
 
     def check_presence(self) -> None:
@@ -349,7 +214,8 @@ class _SessionCheck:
         # A request whose counting found the session gone counted nothing.
         acknowledged = [op for op in increments if op.ok]
         in_flight = [op for op in increments if op.in_flight]
-        count = self.found["request_count"]
+        # A row stored before the workload began counts on from what it held.
+        count = self.found["request_count"] - (self.before or {}).get("request_count", 0)
         if not len(acknowledged) <= count <= len(acknowledged) + len(in_flight):
             if count < len(acknowledged):
                 problem = f"request_count is {count}, but {len(acknowledged)} increments were acknowledged"
@@ -382,8 +248,7 @@ class _SessionCheck:
         return [
             op
             for op in self.operations
-            if op.outcome not in ("conflict", "not_found")
-            and (op.name == "merge_data" or (op.name in ("update", "ensure") and "data" in op.args))
+            if not op.failed and (op.name == "merge_data" or (op.name in ("update", "ensure") and "data" in op.args))
         ]
 
     def check_merges(self) -> None:
@@ -410,7 +275,7 @@ class _SessionCheck:
                     self.violation("merge", f"acknowledged merge key {key!r} is missing", [merge])
                 elif data[key] != value:
                     self.violation("merge", f"acknowledged merge key {key!r} is {data[key]!r}, not {value!r}", [merge])
-        written: set[str] = set()
+        written: set[str] = set((self.before or {}).get("data", {}))
         for op in writers:
             written |= set(op.args["patch"] if op.name == "merge_data" else op.args["data"])
         unknown = sorted(set(data) - written)
@@ -450,7 +315,7 @@ class _SessionCheck:
             op = by_id.get(entry)
             if op is None:
                 self.violation("compare-and-set log", f"{entry!r} is in the log, but no write of it is known", [])
-            elif op.outcome == "conflict":
+            elif op.failed:
                 self.violation("compare-and-set log", f"write {entry!r} was refused, yet it is in the log", [op])
         acknowledged = sorted((op for op in log_writes if op.ok), key=lambda op: op.version or 0)
         for op in acknowledged:

@@ -1,0 +1,239 @@
+"""Running a workload: one child process or several replicas at once, each read the same way.
+
+Every child writes its records to a pipe. ``drive`` reads them into a ``History`` until
+the chosen point, fires the fault there (which kills the child, with whatever else the
+fault takes down), and then reads what the child wrote before it died: an operation it
+completed is on the pipe even if the kill came before the driver read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import IO, Any
+
+from .child import ChildSpec
+from .faults import AfterAcknowledged, AfterSeconds, AtFaultPoint, FaultAt
+from .history import History
+from .records import Completed, FaultPointReached, Ready, Record, decode
+
+_PIPE_LIMIT = 64 * 1024 * 1024
+
+
+class WorkloadChild:
+    """One workload process, the pipe its records come on, and its output (kept for errors)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader, pipe: Any, output: IO[bytes]):
+        self.process = process
+        self._reader = reader
+        self._pipe = pipe
+        self._output = output
+
+    @classmethod
+    async def start(cls, spec: ChildSpec, output: IO[bytes]) -> WorkloadChild:
+        read_end, write_end = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pytest_exai_sessions.testing.crash.child",
+                replace(spec, record_fd=write_end).to_json(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=output,
+                stderr=output,
+                pass_fds=(write_end,),
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        reader = asyncio.StreamReader(limit=_PIPE_LIMIT)
+        pipe, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
+        )
+        return cls(process, reader, pipe, output)
+
+    async def read(self, timeout: float | None = None) -> Record | None:
+        """The next record; None once the child closed the pipe (it ended or died)."""
+        line = await asyncio.wait_for(self._reader.readline(), timeout)
+        return decode(line) if line else None
+
+    async def go_on(self) -> None:
+        """Let the child past the fault point it waits at."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"continue\n")
+        await self.process.stdin.drain()
+
+    def output_tail(self) -> str:
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace")[-3000:]
+
+    async def close(self) -> None:
+        """Kill the child if it still runs, and reap it. Never signal one that exited: asyncio reaps it."""
+        self._pipe.close()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def drive(
+    child: WorkloadChild,
+    history: History,
+    *,
+    at: FaultAt | None,
+    fire: Callable[[], None],
+    timeout: float | None = None,
+) -> str | None:
+    """Read ``child``'s records into ``history``; at the point ``at``, call ``fire``.
+
+    ``fire`` must kill the child. Returns where it fired (e.g. ``"after 12 acknowledged
+    operations"``), or None when the workload ended first. A point after N seconds counts
+    from the child's ``Ready``; until then only ``timeout`` applies.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    acknowledged = 0
+    ready = False
+    fired: str | None = None
+    while fired is None:
+        try:
+            record = await child.read(None if deadline is None else max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            if isinstance(at, AfterSeconds) and ready:
+                fired = str(at)
+                break
+            raise TimeoutError(f"the workload reached no fault point within {timeout}s") from None
+        if record is None:
+            await child.process.wait()
+            return None
+        history.add(record)
+        if isinstance(record, Ready):
+            ready = True
+            if isinstance(at, AfterSeconds):
+                deadline = time.monotonic() + at.seconds
+        elif isinstance(record, Completed) and record.outcome != "uncertain":
+            acknowledged += 1
+            if isinstance(at, AfterAcknowledged) and acknowledged >= at.count:
+                fired = f"after {acknowledged} acknowledged operations"
+        elif isinstance(record, FaultPointReached):
+            if isinstance(at, AtFaultPoint) and record.name == at.name:
+                fired = str(at)
+            else:
+                await child.go_on()
+    fire()
+    while (record := await child.read()) is not None:
+        history.add(record)
+    await child.process.wait()
+    return fired
+
+
+async def run_one(
+    spec: ChildSpec, history: History, *, at: FaultAt, fire: Callable[[WorkloadChild], None], timeout: float
+) -> str:
+    """Run one child until ``at``; ``fire(child)`` kills it there. The workload must not end before."""
+    with tempfile.TemporaryFile() as output:
+        child = await WorkloadChild.start(spec, output)
+        try:
+            fired = await drive(child, history, at=at, fire=lambda: fire(child), timeout=timeout)
+        finally:
+            await child.close()
+        if fired is None:
+            raise RuntimeError(
+                f"the workload ended (exit {child.process.returncode}) before the kill point "
+                f"({history.acknowledged} acknowledged operations); output:\n{child.output_tail()}"
+            )
+    history.fired(fired)
+    return fired
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """Which replicas run, and after how many acknowledged operations each killed one dies.
+
+    Slot 0 is never killed: some replica always goes on to the end. Each kill hits a slot
+    after a random (seeded) number of its acknowledged operations between 1 and ``steps``;
+    with ``replace_killed`` a new replica takes the killed one's place.
+    """
+
+    kills_per_slot: list[list[int]]
+    replace_killed: bool
+
+    @classmethod
+    def draw(cls, *, replicas: int, kills: int, replace_killed: bool, seed: int, steps: int) -> ReplicaPlan:
+        if replicas < 1 or kills < 0:
+            raise ValueError(f"need replicas >= 1 and kills >= 0, got replicas={replicas}, kills={kills}")
+        if kills and replicas < 2:
+            raise ValueError("killing needs replicas >= 2: one replica is never killed")
+        if not replace_killed and kills > replicas - 1:
+            raise ValueError(f"without replace_killed at most replicas - 1 = {replicas - 1} can be killed, not {kills}")
+        rng = random.Random(seed)
+        plans: list[list[int]] = [[] for _ in range(replicas)]
+        victims = (
+            [rng.randrange(1, replicas) for _ in range(kills)]
+            if replace_killed
+            else rng.sample(range(1, replicas), kills)
+        )
+        for slot in victims:
+            plans[slot].append(rng.randint(1, steps))
+        return cls(plans, replace_killed)
+
+    @property
+    def replica_numbers(self) -> int:
+        """How many replicas the run starts in all."""
+        kills = sum(len(plan) for plan in self.kills_per_slot)
+        return len(self.kills_per_slot) + (kills if self.replace_killed else 0)
+
+
+async def run_replicas(
+    spec: ChildSpec,
+    history: History,
+    plan: ReplicaPlan,
+    *,
+    fire: Callable[[WorkloadChild], None],
+    timeout: float,
+) -> None:
+    """Run the replicas of ``plan`` at once; each killed one by ``fire`` at its point, the rest to their end."""
+    numbers = iter(range(plan.replica_numbers))
+
+    async def run_replica(kill_after: int | None) -> None:
+        replica = next(numbers)
+        at = None if kill_after is None else AfterAcknowledged(kill_after)
+        with tempfile.TemporaryFile() as output:
+            child = await WorkloadChild.start(replace(spec, replica=replica), output)
+            try:
+                fired = await drive(child, history, at=at, fire=lambda: fire(child))
+            finally:
+                await child.close()
+            if fired is not None:
+                history.fired(f"replica {replica} {fired}")
+            elif child.process.returncode != 0:
+                raise RuntimeError(
+                    f"replica {replica} failed (exit {child.process.returncode}); output:\n{child.output_tail()}"
+                )
+            elif at is not None:
+                raise RuntimeError(
+                    f"replica {replica} ended before its kill point ({kill_after} acknowledged operations): "
+                    "give the workload more steps"
+                )
+
+    async def run_slot(kills: list[int]) -> None:
+        for kill_after in kills:
+            await run_replica(kill_after)
+        if plan.replace_killed or not kills:
+            await run_replica(None)
+
+    try:
+        async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+            for kills in plan.kills_per_slot:
+                group.create_task(run_slot(kills))
+    except TimeoutError:
+        raise TimeoutError(f"the replicas did not finish within {timeout}s") from None
+    except BaseExceptionGroup as failures:
+        raise failures.exceptions[0] from failures

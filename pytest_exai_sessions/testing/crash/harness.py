@@ -1,0 +1,295 @@
+"""``CrashHarness``: the crash tools on one test database, built from a workload, a fault and the checker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Literal, NoReturn, TypeVar
+
+from ...clock import SYSTEM_CLOCK, Clock, ManualClock
+from ...errors import ExaiSessionsError
+from ...manager import SessionManager
+from ...models import Session
+from ...server.cluster import TemporaryPostgres
+from ...server.connection import PostgresServer
+from ...server.database import DatabaseUnderTest, database_of
+from ...store import SessionStore
+from ..recovery import Snapshot, snapshot
+from .checker import CrashReport, check
+from .child import ChildSpec
+from .driver import ReplicaPlan, WorkloadChild, run_one, run_replicas
+from .faults import EndBackends, Fault, FaultAt, KillDatabase, KillPooler, KillProcess, fault_at
+from .history import History
+from .importable import object_path, resolve
+
+M = TypeVar("M", bound=SessionManager)
+
+
+class DatabaseCrashUnsupported(ExaiSessionsError):
+    """Only a server the plugin started can be killed and restarted."""
+
+
+def _refuse(reason: str) -> NoReturn:
+    raise DatabaseCrashUnsupported(reason)
+
+
+class CrashHarness:
+    """Builds managers on one database and crashes them; closes what it built on ``aclose()``.
+
+    ``database``: as a database fixture hands it (``exai_dsn``, which knows its server, its
+    pooler and its DSN past the pooler) or a ``DatabaseUnderTest``; or a plain DSN, with
+    ``server`` to crash the database itself. ``unsupported`` is called with a reason when a
+    crash is asked of a server it cannot restart or of a pooler it does not have (the
+    pytest fixture passes ``pytest.skip``). ``clock``: the clock of the managers it builds
+    unless their options name one (the fixtures pass the test's clock).
+    """
+
+    def __init__(
+        self,
+        database: str | DatabaseUnderTest,
+        server: PostgresServer | None = None,
+        *,
+        unsupported: Callable[[str], NoReturn] = _refuse,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        known = database if isinstance(database, DatabaseUnderTest) else database_of(database)
+        self.database = known
+        self.dsn = known.dsn if known is not None else str(database)
+        # What must not go through a pooler (ending backends) takes this one.
+        self.direct_dsn = known.direct_dsn if known is not None else self.dsn
+        self.pooler = known.pooler if known is not None else None
+        self.server = server if server is not None or known is None else known.server
+        self.clock = clock
+        self._unsupported = unsupported
+        self._managers: list[SessionManager] = []
+
+    async def new_manager(self, manager_class: type[M] = SessionManager, **options: Any) -> M:  # type: ignore[assignment]
+        """A started manager with a store of its own on this database (closed by ``aclose()``)."""
+        options.setdefault("clock", self.clock)
+        return self._keep(await manager_class.open(self.dsn, **options))
+
+    # a manager in this process
+
+    async def crash_and_restart(self, manager: M, **option_overrides: Any) -> M:
+        """Kill ``manager`` without a flush or a graceful close; recover in a new one.
+
+        The new manager has the crashed one's class and options, updated by
+        ``option_overrides``, and a new store on the same database.
+        """
+        await self.abandon(manager)
+        options = {**manager.options, **option_overrides}
+        if not isinstance(manager.store, SessionStore):
+            # Nothing was persisted, so nothing can come back: that is the point to show.
+            return self._keep(await type(manager)(None, **options).start())
+        restarted = await type(manager).open(
+            manager.store.conninfo, store_options=manager.store.pool_options, **options
+        )
+        return self._keep(restarted)
+
+    async def abandon(self, manager: SessionManager) -> None:
+        """Drop the manager's connections from the server side, as the death of its process would."""
+        if isinstance(manager.store, SessionStore):
+            fault = EndBackends(
+                self.direct_dsn,
+                manager.store.application_name,
+                busy_only=self.pooler is not None and self.pooler.mode == "transaction",
+            )
+            await asyncio.to_thread(fault.inject)
+        await manager.abandon()
+
+    # workloads in child processes
+
+    async def run_and_kill(
+        self,
+        workload: Any,
+        *,
+        kill_after_acks: int | None = None,
+        kill_after_secs: float | None = None,
+        kill_at: str | None = None,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``workload`` in a child process, SIGKILL it at the chosen point, check the history.
+
+        ``workload`` is an importable ``async def workload(ctx: WorkloadContext)`` (or its
+        ``"module:function"`` name). Kill after that many acknowledged operations (the store
+        answered ``ok`` or ``fail``), after that many seconds, or when it reaches
+        ``await ctx.fault_point(kill_at)``. The child's manager gets ``options``; the
+        recovered state is read in this process and checked against every operation the
+        child recorded before it died.
+        """
+        at = fault_at(after_acks=kill_after_acks, after_secs=kill_after_secs, at=kill_at)
+        return await self.run_with_fault(
+            workload, at=at, params=params, manager_class=manager_class, timeout=timeout, **options
+        )
+
+    async def run_with_fault(
+        self,
+        workload: Any,
+        *,
+        at: FaultAt,
+        fault: Fault | None = None,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``workload`` in a child process; at ``at`` it dies, and ``fault`` (if any) strikes and recovers.
+
+        ``at`` is an ``AfterAcknowledged``, ``AfterSeconds`` or ``AtFaultPoint``; ``fault``
+        one of ``faults.py`` (``KillDatabase``, ``KillPooler``, ...): the workload's process is
+        killed first, so that nothing it does after the fault goes unrecorded. The rows
+        stored before the run are the state the history starts from.
+        """
+        spec = self._spec(workload, manager_class, options, params or {})
+        initial = await self._rows()
+        history = History()
+
+        def fire(child: WorkloadChild) -> None:
+            KillProcess(child.process).inject()
+            if fault is not None:
+                fault.inject()
+                fault.recover()
+
+        await run_one(spec, history, at=at, fire=fire, timeout=timeout)
+        return await self._check(history, initial, manager_class, options)
+
+    async def run_replicas(
+        self,
+        workload: Any,
+        *,
+        replicas: int = 3,
+        kills: int = 3,
+        replace_killed: bool = True,
+        seed: int = 0,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``replicas`` children of ``workload`` at once on this database, SIGKILL ``kills`` of them.
+
+        Each kill hits a replica after a random (seeded) number of its acknowledged
+        operations, between 1 and the workload's ``steps`` param (default 40), while the
+        others go on; ``replace_killed`` starts a new replica with a new number in its place.
+        One replica is never killed, and every replica not killed runs its workload to the
+        end. Then the merged history of all of them is checked against every stored row.
+
+        ``workload`` is importable, as for ``run_and_kill``; ``ctx.replica`` is each child's
+        number and ``ctx.params`` carries ``params`` plus ``seed`` and ``replica_numbers`` (how
+        many numbers the run hands out). The children's managers get ``options``.
+        """
+        plan = ReplicaPlan.draw(
+            replicas=replicas,
+            kills=kills,
+            replace_killed=replace_killed,
+            seed=seed,
+            steps=int((params or {}).get("steps", 40)),
+        )
+        child_params = {**(params or {}), "seed": seed, "replica_numbers": plan.replica_numbers}
+        spec = self._spec(workload, manager_class, options, child_params)
+        initial = await self._rows()
+        history = History(many_writers=True)
+        await run_replicas(spec, history, plan, fire=lambda child: KillProcess(child.process).inject(), timeout=timeout)
+        return await self._check(history, initial, manager_class, options)
+
+    def _spec(self, workload: Any, manager_class: Any, options: dict[str, Any], params: dict[str, Any]) -> ChildSpec:
+        # The test clock's instant as it stands now: moving it later does not reach the child.
+        clock = self.clock.value.isoformat() if isinstance(self.clock, ManualClock) and self.clock.value else None
+        return ChildSpec(
+            dsn=self.dsn,
+            workload=object_path(workload),
+            manager_class=object_path(manager_class),
+            options=options,
+            clock=clock,
+            params=params,
+            record_fd=-1,
+        )
+
+    async def _rows(self) -> dict[str, Session]:
+        """Every stored session, live or not, by id."""
+        async with await SessionStore.open(self.dsn) as store:
+            return {session.session_id: session async for session in store.iter_all()}
+
+    async def _check(
+        self, history: History, initial: dict[str, Session], manager_class: Any, options: dict[str, Any]
+    ) -> CrashReport:
+        """Recover in a new manager of the workload's class, and check every stored row against the history."""
+        recovered = await self.new_manager(resolve(manager_class), **options)
+        rows = {session.session_id: session async for session in recovered.store.iter_all()}
+        return check(history, rows, initial=initial)
+
+    # the database
+
+    def _database_fault(self, mode: Literal["kill", "immediate"]) -> KillDatabase:
+        if not isinstance(self.server, TemporaryPostgres):
+            what = "an external server (--exai-dsn)" if self.server is not None else "no known server"
+            self._unsupported(f"database crash helpers need the plugin's temporary server, not {what}")
+        return KillDatabase(self.server, mode, self.database)
+
+    def kill_database(self, mode: Literal["kill", "immediate"] = "kill") -> None:
+        """Stop the postmaster abruptly and leave it down: SIGKILL, or an immediate shutdown.
+
+        Until ``restart_database()`` every database call of a manager raises PersistenceError.
+        """
+        self._database_fault(mode).inject()
+
+    def restart_database(self) -> float:
+        """Start the postmaster again on the same data directory and port; return the seconds it took.
+
+        Blocks the event loop for that time on purpose: the postmaster must be started from
+        the main thread, since it is set to die with the thread that started it. A pooler
+        stays up and connects to the server again; this returns once a query on the
+        harness's database goes through it.
+        """
+        return self._database_fault("kill").recover()
+
+    def crash_database(self, mode: Literal["kill", "immediate"] = "kill") -> float:
+        """Kill the database and start it again at once; return the seconds until it accepts connections."""
+        fault = self._database_fault(mode)
+        fault.inject()
+        return fault.recover()
+
+    # the pooler
+
+    def _pooler_fault(self) -> KillPooler:
+        if self.pooler is None:
+            self._unsupported(
+                "pooler crash helpers need a pooler in the run: --exai-pooler=transaction or session "
+                "(ini exai_pooler, env EXAI_SESSIONS_POOLER)"
+            )
+        return KillPooler(self.pooler)
+
+    def kill_pooler(self) -> None:
+        """SIGKILL PgBouncer and leave it down: every client connection through it drops at once.
+
+        The server keeps running; its backends of the pooler end as they see it gone. Until
+        ``restart_pooler()`` every database call of a manager raises PersistenceError.
+        """
+        self._pooler_fault().inject()
+
+    def restart_pooler(self) -> float:
+        """SIGKILL PgBouncer (if it runs) and start it again on the same socket or port; return the seconds it took.
+
+        Clients lose their connections, as when production's pooler restarts; a manager's
+        next call connects again. Blocks the event loop, as ``restart_database`` does and
+        for the same reason.
+        """
+        return self._pooler_fault().recover()
+
+    # comparing
+
+    def snapshot(self, manager: SessionManager) -> Snapshot:
+        """The manager's sessions by id, to compare with ``assert_full_recovery`` after a crash."""
+        return snapshot(manager)
+
+    def _keep(self, manager: M) -> M:
+        self._managers.append(manager)
+        return manager
+
+    async def aclose(self) -> None:
+        managers, self._managers = self._managers, []
+        for manager in managers:
+            await manager.aclose()
