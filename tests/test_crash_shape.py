@@ -1,11 +1,13 @@
 """One shape for every crash test: the checker's three outcomes, rows nothing explains, and one
 meaning of "after N acknowledged operations" in both runners."""
 
+import crash_workloads
 import pytest
 
 from pytest_exai_sessions import Session
 from pytest_exai_sessions.testing.crash import Completed, History, Invoked, check, decode, encode
 from pytest_exai_sessions.testing.crash.driver import ReplicaPlan
+from pytest_exai_sessions.testing.workloads import mixed_workload
 
 CREATED = "2026-01-01T00:00:00Z"
 
@@ -175,3 +177,45 @@ async def test_after_n_acknowledged_operations_counts_refusals_in_the_replicas_t
 
     report.assert_ok()
     assert report.killed == [f"replica 1 after {kill_after} acknowledged operations"]
+
+
+@pytest.mark.asyncio
+async def test_a_workload_in_this_process_goes_through_the_same_driver_and_checker(crash_harness):
+    report = await crash_harness.run_and_abandon(
+        mixed_workload, kill_after_acks=40, params={"seed": 3}, max_concurrent_sessions=1000
+    )
+
+    report.assert_ok()
+    assert report.killed_at == "after 40 acknowledged operations"
+    assert report.acknowledged >= 40 and report.sessions_checked > 0
+
+
+@pytest.mark.asyncio
+async def test_in_this_process_a_fault_point_and_a_closure_work_too(crash_harness):
+    async def counting(ctx):  # not importable: fine in this process
+        await crash_workloads.counting_with_a_fault_point(ctx)
+
+    report = await crash_harness.run_and_abandon(counting, kill_at="halfway")
+
+    report.assert_ok()
+    assert report.fault_points == ["halfway"]
+    assert (report.acknowledged, report.in_flight) == (60, 0)
+
+
+@pytest.mark.asyncio
+async def test_in_this_process_a_manager_that_acknowledges_unwritten_requests_is_caught(crash_harness):
+    report = await crash_harness.run_and_abandon(
+        "crash_workloads:counting", kill_after_acks=40, manager_class="crash_workloads:ForgetfulManager"
+    )
+
+    assert {v.session_id for v in report.violations} == {f"f{n}" for n in range(5)}
+
+
+@pytest.mark.asyncio
+async def test_in_this_process_a_workload_that_fails_raises_its_error(crash_harness):
+    async def broken(ctx):
+        await ctx.ensure("only")
+        raise RuntimeError("the workload broke")
+
+    with pytest.raises(RuntimeError, match="the workload broke"):
+        await crash_harness.run_and_abandon(broken, kill_after_acks=100)

@@ -2,8 +2,8 @@
 
 - ``client.py``: ``WorkloadContext``, which records every operation as invoked, then
   ``ok``, ``fail`` or ``uncertain`` (``records.py``);
-- ``child.py`` and ``driver.py``: a workload in one child process or in several replicas at
-  once, read the same way, with the fault fired at a point of the workload;
+- ``child.py`` and ``driver.py``: a workload in this process, in one child process or in
+  several replicas at once, read the same way, with the fault fired at a point of it;
 - ``faults.py``: what breaks (the app's process, its backends, the database, the pooler)
   and when (after N acknowledged operations, after a time, at a named fault point);
 - ``history.py``, ``checker.py``, ``one_writer.py``, ``many_writers.py``: the verdict over

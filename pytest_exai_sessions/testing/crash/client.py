@@ -28,8 +28,8 @@ class RecordSink(Protocol):
 
     def write(self, record: Record) -> None: ...
 
-    def wait_at_fault_point(self, name: str) -> None:
-        """Block until the driver lets the workload go on past ``name``."""
+    async def wait_at_fault_point(self, name: str) -> None:
+        """Return once the driver lets the workload go on past ``name``."""
 
 
 class PipeSink:
@@ -44,8 +44,8 @@ class PipeSink:
             written = os.write(self._fd, data)
             data = data[written:]
 
-    def wait_at_fault_point(self, name: str) -> None:
-        # Blocking on purpose: nothing else in this process may run past the point.
+    async def wait_at_fault_point(self, name: str) -> None:
+        # Blocking the event loop on purpose: nothing else in this process may run past the point.
         answer = sys.stdin.readline()
         if answer.strip() != "continue":
             raise SystemExit(f"fault point {name!r}: no word from the parent ({answer!r})")
@@ -173,7 +173,7 @@ class WorkloadContext:
     async def fault_point(self, name: str) -> None:
         """Tell the driver this point is reached; a fault set for it fires here, else the workload goes on."""
         self._sink.write(FaultPointReached(self._replica, name))
-        self._sink.wait_at_fault_point(name)
+        await self._sink.wait_at_fault_point(name)
 
 
 class Acknowledgement:

@@ -1,9 +1,10 @@
-"""Running a workload: one child process or several replicas at once, each read the same way.
+"""Running a workload: in this process, in one child process or in several replicas at once.
 
-Every child writes its records to a pipe. ``drive`` reads them into a ``History`` until
-the chosen point, fires the fault there (which kills the child, with whatever else the
-fault takes down), and then reads what the child wrote before it died: an operation it
-completed is on the pipe even if the kill came before the driver read it.
+Each runs as a ``RunningWorkload`` whose records the driver reads the same way: a child
+writes them to a pipe, a workload in this process to a queue. ``drive`` reads them into a
+``History`` until the chosen point, fires the fault there (which ends the workload, with
+whatever else the fault takes down), and then reads what it wrote before it ended: an
+operation it completed is recorded even if the fault came before the driver read it.
 """
 
 from __future__ import annotations
@@ -16,14 +17,80 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
+from ...manager import SessionManager
 from .child import ChildSpec
+from .client import Workload, WorkloadContext
 from .faults import AfterAcknowledged, AfterSeconds, AtFaultPoint, FaultAt
 from .history import History
-from .records import Completed, FaultPointReached, Ready, Record, decode
+from .records import Completed, Done, FaultPointReached, Ready, Record, decode
 
 _PIPE_LIMIT = 64 * 1024 * 1024
+
+
+class RunningWorkload(Protocol):
+    """A started workload, as the driver sees it."""
+
+    async def read(self, timeout: float | None = None) -> Record | None:
+        """The next record; None once the workload ended (or died) and every record was read."""
+        ...
+
+    async def go_on(self) -> None:
+        """Let the workload past the fault point it waits at."""
+
+    async def wait(self) -> None:
+        """Return once the workload has ended."""
+
+
+class InProcessWorkload:
+    """A workload run as a task of this process, on a manager of the caller's; its records on a queue.
+
+    Its end at a fault is ``kill()``: the task is cancelled, so an operation in flight
+    records ``uncertain``. Unlike a killed process, the cancelled code still runs its
+    ``finally`` blocks: what it does there is part of the operation in flight.
+    """
+
+    def __init__(self, workload: Workload, manager: SessionManager, params: dict[str, Any], dsn: str) -> None:
+        self._records: asyncio.Queue[Record | None] = asyncio.Queue()
+        self._go_on = asyncio.Queue[None]()
+        context = WorkloadContext(manager, self, params, dsn)
+        self._task = asyncio.ensure_future(self._run(workload, context))
+
+    async def _run(self, workload: Workload, context: WorkloadContext) -> None:
+        try:
+            self.write(Ready(0))
+            await workload(context)
+            self.write(Done(0))
+        finally:
+            self._records.put_nowait(None)
+
+    # the workload's side: a RecordSink
+
+    def write(self, record: Record) -> None:
+        self._records.put_nowait(record)
+
+    async def wait_at_fault_point(self, name: str) -> None:
+        await self._go_on.get()
+
+    # the driver's side
+
+    async def read(self, timeout: float | None = None) -> Record | None:
+        return await asyncio.wait_for(self._records.get(), timeout)
+
+    async def go_on(self) -> None:
+        self._go_on.put_nowait(None)
+
+    async def wait(self) -> None:
+        await asyncio.wait([self._task])
+
+    def kill(self) -> None:
+        self._task.cancel()
+
+    def result(self) -> None:
+        """Raise what the workload raised, if it failed on its own (not cancelled)."""
+        if self._task.done() and not self._task.cancelled():
+            self._task.result()
 
 
 class WorkloadChild:
@@ -72,6 +139,9 @@ class WorkloadChild:
         self.process.stdin.write(b"continue\n")
         await self.process.stdin.drain()
 
+    async def wait(self) -> None:
+        await self.process.wait()
+
     def output_tail(self) -> str:
         self._output.seek(0)
         return self._output.read().decode(errors="replace")[-3000:]
@@ -85,7 +155,7 @@ class WorkloadChild:
 
 
 async def drive(
-    child: WorkloadChild,
+    child: RunningWorkload,
     history: History,
     *,
     at: FaultAt | None,
@@ -94,7 +164,7 @@ async def drive(
 ) -> str | None:
     """Read ``child``'s records into ``history``; at the point ``at``, call ``fire``.
 
-    ``fire`` must kill the child. Returns where it fired (e.g. ``"after 12 acknowledged
+    ``fire`` must end the workload. Returns where it fired (e.g. ``"after 12 acknowledged
     operations"``), or None when the workload ended first. A point after N seconds counts
     from the child's ``Ready``; until then only ``timeout`` applies.
     """
@@ -111,7 +181,7 @@ async def drive(
                 break
             raise TimeoutError(f"the workload reached no fault point within {timeout}s") from None
         if record is None:
-            await child.process.wait()
+            await child.wait()
             return None
         history.add(record)
         if isinstance(record, Ready):
@@ -130,7 +200,7 @@ async def drive(
     fire()
     while (record := await child.read()) is not None:
         history.add(record)
-    await child.process.wait()
+    await child.wait()
     return fired
 
 
@@ -149,6 +219,20 @@ async def run_one(
                 f"the workload ended (exit {child.process.returncode}) before the kill point "
                 f"({history.acknowledged} acknowledged operations); output:\n{child.output_tail()}"
             )
+    history.fired(fired)
+    return fired
+
+
+async def run_in_process(running: InProcessWorkload, history: History, *, at: FaultAt, timeout: float) -> str:
+    """Run a workload of this process until ``at``, and cancel it there. It must not end before."""
+    try:
+        fired = await drive(running, history, at=at, fire=running.kill, timeout=timeout)
+    finally:
+        running.kill()
+        await running.wait()
+    if fired is None:
+        running.result()  # what it raised, if it failed
+        raise RuntimeError(f"the workload ended before the kill point ({history.acknowledged} acknowledged operations)")
     history.fired(fired)
     return fired
 
