@@ -6,7 +6,10 @@ checked exactly.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
+import pickle
 import pwd
 import signal
 import subprocess
@@ -149,3 +152,16 @@ def test_a_crash_harness_takes_the_pooler_and_the_direct_dsn_from_the_database_n
         assert direct.pooler is None and direct.direct_dsn == server.dsn("shop")
     finally:
         pooler.stop()
+
+
+def test_a_database_dsn_copies_as_itself_and_pickles_as_its_string(server: TemporaryPostgres) -> None:
+    dsn = DatabaseDsn(DatabaseUnderTest("shop", server))
+    assert copy.copy(dsn) is dsn and copy.deepcopy({"dsn": dsn})["dsn"] is dsn
+    assert dataclasses.asdict(Holder(dsn)) == {"dsn": server.dsn("shop")}
+    unpickled = pickle.loads(pickle.dumps(dsn))
+    assert unpickled == dsn and type(unpickled) is str
+
+
+@dataclasses.dataclass
+class Holder:
+    dsn: str

@@ -46,6 +46,17 @@ class DatabaseDsn(str):
         dsn.database = database
         return dsn
 
+    # Immutable, as a str is: a copy is itself, and the running server and pooler it knows
+    # stay in this process (pickled, it is the plain string).
+    def __copy__(self) -> DatabaseDsn:
+        return self
+
+    def __deepcopy__(self, memo: object) -> DatabaseDsn:
+        return self
+
+    def __reduce__(self) -> tuple[type[str], tuple[str]]:
+        return str, (str(self),)
+
 
 def database_of(dsn: str) -> DatabaseUnderTest | None:
     """The database a fixture's DSN names; None for a DSN from anywhere else."""

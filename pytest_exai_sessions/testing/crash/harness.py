@@ -12,7 +12,7 @@ from ...manager import SessionManager
 from ...models import Session
 from ...server.cluster import TemporaryPostgres
 from ...server.connection import PostgresServer
-from ...server.database import DatabaseUnderTest, database_of
+from ...server.database import DatabaseDsn, DatabaseUnderTest, database_of
 from ...store import SessionStore
 from ..recovery import Snapshot, snapshot
 from .checker import CrashReport, check
@@ -54,7 +54,8 @@ class CrashHarness:
     ) -> None:
         known = database if isinstance(database, DatabaseUnderTest) else database_of(database)
         self.database = known
-        self.dsn = known.dsn if known is not None else str(database)
+        # A DatabaseDsn when the database is known, so that what is handed on knows it too.
+        self.dsn: str = DatabaseDsn(known) if known is not None else str(database)
         # What must not go through a pooler (ending backends) takes this one.
         self.direct_dsn = known.direct_dsn if known is not None else self.dsn
         self.pooler = known.pooler if known is not None else None
