@@ -46,14 +46,18 @@ class RunningWorkload(Protocol):
 class InProcessWorkload:
     """A workload run as a task of this process, on a manager of the caller's; its records on a queue.
 
-    Its end at a fault is ``kill()``: the task is cancelled, so an operation in flight
-    records ``uncertain``. Unlike a killed process, the cancelled code still runs its
-    ``finally`` blocks: what it does there is part of the operation in flight.
+    Its end at a fault is ``kill()``: from then on nothing it does is observed (a record it
+    tries to write raises ``CancelledError`` instead), and the task is cancelled until it
+    ends. Unlike a killed process, the cancelled code still runs its ``finally`` blocks, and
+    code that swallows a cancellation (as some drivers do in a wait) goes on until its next
+    recorded operation: whatever it writes then is as unrecorded as a dying process's last
+    writes, and the operations in flight stay of unknown outcome.
     """
 
     def __init__(self, workload: Workload, manager: SessionManager, params: dict[str, Any], dsn: str) -> None:
         self._records: asyncio.Queue[Record | None] = asyncio.Queue()
         self._go_on = asyncio.Queue[None]()
+        self._killed = False
         context = WorkloadContext(manager, self, params, dsn)
         self._task = asyncio.ensure_future(self._run(workload, context))
 
@@ -68,6 +72,8 @@ class InProcessWorkload:
     # the workload's side: a RecordSink
 
     def write(self, record: Record) -> None:
+        if self._killed:
+            raise asyncio.CancelledError("the workload was killed")
         self._records.put_nowait(record)
 
     async def wait_at_fault_point(self, name: str) -> None:
@@ -82,13 +88,19 @@ class InProcessWorkload:
         self._go_on.put_nowait(None)
 
     async def wait(self) -> None:
-        await asyncio.wait([self._task])
+        while not self._task.done():
+            if self._killed:
+                self._task.cancel()  # again: a wait somewhere may have swallowed the last one
+            await asyncio.wait([self._task], timeout=1.0 if self._killed else None)
 
     def kill(self) -> None:
+        if not self._killed:
+            self._killed = True
+            self._records.put_nowait(None)  # the end of what the driver reads
         self._task.cancel()
 
     def result(self) -> None:
-        """Raise what the workload raised, if it failed on its own (not cancelled)."""
+        """Raise what the workload raised, if it ended by failing."""
         if self._task.done() and not self._task.cancelled():
             self._task.result()
 
@@ -224,15 +236,17 @@ async def run_one(
 
 
 async def run_in_process(running: InProcessWorkload, history: History, *, at: FaultAt, timeout: float) -> str:
-    """Run a workload of this process until ``at``, and cancel it there. It must not end before."""
+    """Run a workload of this process until ``at``, and kill it there. It must not end before."""
     try:
         fired = await drive(running, history, at=at, fire=running.kill, timeout=timeout)
+        if fired is None:
+            running.result()  # what it raised, if it failed
+            raise RuntimeError(
+                f"the workload ended before the kill point ({history.acknowledged} acknowledged operations)"
+            )
     finally:
         running.kill()
         await running.wait()
-    if fired is None:
-        running.result()  # what it raised, if it failed
-        raise RuntimeError(f"the workload ended before the kill point ({history.acknowledged} acknowledged operations)")
     history.fired(fired)
     return fired
 
