@@ -3,22 +3,11 @@ meaning of "after N acknowledged operations" in both runners."""
 
 import crash_workloads
 import pytest
+from session_states import row, state
 
-from pytest_exai_sessions import Session
 from pytest_exai_sessions.testing.crash import Completed, History, Invoked, check, decode, encode
 from pytest_exai_sessions.testing.crash.driver import ReplicaPlan
 from pytest_exai_sessions.testing.workloads import mixed_workload
-
-CREATED = "2026-01-01T00:00:00Z"
-
-
-def state(session_id, **fields):
-    base = Session(session_id=session_id, created_at=CREATED, last_activity=CREATED).model_dump(mode="json")
-    return {**base, **fields}
-
-
-def row(session_id, **fields):
-    return Session.model_validate(state(session_id, **fields))
 
 
 def rows(*sessions):

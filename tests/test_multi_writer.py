@@ -1,8 +1,8 @@
 """Several replicas write one database at once; some are SIGKILLed; the acknowledged history must hold."""
 
 import pytest
+from session_states import row, state
 
-from pytest_exai_sessions import Session
 from pytest_exai_sessions.testing.crash import Completed, Invoked, check
 from pytest_exai_sessions.testing.crash import History as RecordedHistory
 from pytest_exai_sessions.testing.workloads import replica_workload
@@ -122,17 +122,6 @@ async def test_a_failing_replica_is_reported_with_its_output(crash_harness):
 
 
 # Hand-made histories: what each rule reports, without child processes.
-
-CREATED = "2026-01-01T00:00:00Z"
-
-
-def state(session_id, **fields):
-    base = Session(session_id=session_id, created_at=CREATED, last_activity=CREATED).model_dump(mode="json")
-    return {**base, **fields}
-
-
-def row(session_id, **fields):
-    return Session.model_validate(state(session_id, **fields))
 
 
 class History:

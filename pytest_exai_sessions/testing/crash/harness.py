@@ -13,6 +13,7 @@ from ...models import Session
 from ...server.cluster import TemporaryPostgres
 from ...server.connection import PostgresServer
 from ...server.database import DatabaseDsn, DatabaseUnderTest, database_of
+from ...server.pooler import PgBouncer
 from ...store import SessionStore
 from ..recovery import Snapshot, snapshot
 from .checker import CrashReport, check
@@ -56,13 +57,20 @@ class CrashHarness:
         self.database = known
         # A DatabaseDsn when the database is known, so that what is handed on knows it too.
         self.dsn: str = DatabaseDsn(known) if known is not None else str(database)
-        # What must not go through a pooler (ending backends) takes this one.
-        self.direct_dsn = known.direct_dsn if known is not None else self.dsn
-        self.pooler = known.pooler if known is not None else None
         self.server = server if server is not None or known is None else known.server
         self.clock = clock
         self._unsupported = unsupported
         self._managers: list[SessionManager] = []
+
+    @property
+    def pooler(self) -> PgBouncer | None:
+        """The pooler ``dsn`` goes through (None for a plain DSN: it is not known)."""
+        return None if self.database is None else self.database.pooler
+
+    @property
+    def direct_dsn(self) -> str:
+        """The database past any pooler, for what must not go through one (ending backends)."""
+        return self.dsn if self.database is None else self.database.direct_dsn
 
     async def new_manager(self, manager_class: type[M] = SessionManager, **options: Any) -> M:  # type: ignore[assignment]
         """A started manager with a store of its own on this database (closed by ``aclose()``)."""
