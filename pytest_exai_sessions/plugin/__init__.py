@@ -1,7 +1,8 @@
 """The pytest plugin (entry point ``pytest_exai_sessions.plugin``): its hooks and fixtures.
 
 Thin wiring: ``hooks`` (options, marker, header, cleanup), ``servers`` (which server a run
-uses, decided once), ``fixtures`` (what tests ask for). Nothing outside this package imports it.
+uses, decided once), ``fixtures`` (what tests ask for), ``power_loss`` (the harness on a
+disk that can lose power). Nothing outside this package imports it.
 """
 
 from .fixtures import (
@@ -39,6 +40,7 @@ from .hooks import (
     pytest_testnodedown,
     pytest_unconfigure,
 )
+from .power_loss import exai_power_loss_servers, power_loss_harness
 
 __all__ = [
     "_exai_template_before_any_test",
@@ -56,10 +58,12 @@ __all__ = [
     "exai_pg_server",
     "exai_pgbouncer",
     "exai_pooler",
+    "exai_power_loss_servers",
     "exai_rollback_conn",
     "exai_shared_dsn",
     "exai_supabase",
     "exai_templates",
+    "power_loss_harness",
     "pytest_addoption",
     "pytest_assertrepr_compare",
     "pytest_configure",

@@ -19,6 +19,7 @@ from ..server.cluster import sweep_stale_clusters, temporary_server_supported
 from ..server.pooler import find_pgbouncer
 from ..testing.recovery import compare_snapshots
 from .config import ExaiConfig, add_options, read_config
+from .power_loss import register_marker
 from .servers import describe_pooler, describe_setup
 from .templates import DECLARED
 from .timings import received_from_worker, send_to_controller, summary_lines
@@ -44,6 +45,7 @@ def pytest_configure(config: pytest.Config) -> None:
         f"e.g. @pytest.mark.{MARKER}(session_timeout_secs=1, max_concurrent_sessions=5); "
         f"known options: {', '.join(MANAGER_OPTIONS)}",
     )
+    register_marker(config)
     if config.getoption("help", False) or config.getoption("version", False):
         return
     # Bad options fail the run once, here, as a usage error, instead of once per test.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from .procfs import kill_and_wait, running_inside
@@ -37,6 +38,28 @@ def lock_owner(root: Path) -> int:
     return fd
 
 
+def mounts_inside(root: Path) -> list[Path]:
+    """The mount points inside ``root`` (a power-loss disk), deepest first; none where /proc cannot tell."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    prefix = os.path.realpath(root) + "/"
+    # Field 5 is the mount point, with spaces and the like escaped as octal (\040).
+    points = [line.split()[4].encode().decode("unicode_escape") for line in lines if len(line.split()) > 4]
+    return sorted((Path(p) for p in points if p.startswith(prefix)), key=lambda p: len(p.parts), reverse=True)
+
+
+def unmount(mount_point: Path) -> None:
+    """Unmount it; lazily if something still holds it, so that no mount outlives its directory."""
+    umount = shutil.which("umount", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin"])) or "umount"
+    for command in ([umount, str(mount_point)], [umount, "--lazy", str(mount_point)]):
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode == 0:
+            return
+    raise OSError(f"cannot unmount {mount_point}: {(result.stdout + result.stderr).strip()}")
+
+
 def _postmaster_running_in(root: Path) -> bool:
     """A postmaster whose command line names this directory still runs (a zombie names none)."""
     try:
@@ -57,7 +80,8 @@ def sweep_stale_clusters(basedir: Path) -> list[Path]:
     other users, of live runs, and those without a lock file are never touched.
 
     Before a directory goes, the processes still running inside it (by working directory or
-    a path on their command line) are killed, and waited for.
+    a path on their command line) are killed, and waited for, and what is mounted in it (a
+    power-loss disk) is unmounted.
     """
     removed: list[Path] = []
     try:
@@ -90,6 +114,11 @@ def sweep_stale_clusters(basedir: Path) -> list[Path]:
             # A backend its test had stopped (SIGSTOP) never notices its postmaster's death:
             # left alone, it would outlive the directory for ever.
             kill_and_wait(running_inside(root))
+            try:
+                for mount_point in mounts_inside(root):
+                    unmount(mount_point)
+            except OSError:
+                continue  # never rmtree into a mounted disk
             shutil.rmtree(root, ignore_errors=True)
             removed.append(root)
         finally:

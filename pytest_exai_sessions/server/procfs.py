@@ -123,6 +123,39 @@ def _kill(process: ProcessId) -> None:
         os.close(pidfd)
 
 
+def freeze(pid: int, timeout: float = 10.0) -> list[ProcessId]:
+    """SIGSTOP ``pid`` and then its children; return once every one of them is stopped (or gone).
+
+    The parent first, and its children listed only once it is stopped: it forks none in
+    between. Returns the children, to be killed or continued by the caller.
+    """
+    parent = identify(pid)
+    if parent is None:
+        return []
+    _signal(parent, signal.SIGSTOP)
+    _wait_until_stopped([parent], timeout)
+    found = children(pid)
+    for child in found:
+        _signal(child, signal.SIGSTOP)
+    _wait_until_stopped(found, timeout)
+    return found
+
+
+def _signal(process: ProcessId, sig: int) -> None:
+    if is_running(process):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(process.pid, sig)
+
+
+def _wait_until_stopped(processes: list[ProcessId], timeout: float) -> None:
+    # kill() returns before the signal is delivered: "T" in /proc says it was.
+    deadline = time.monotonic() + timeout
+    while any((stat := _stat(p.pid)) is not None and stat[1] == p.start and stat[2] not in "TtZX" for p in processes):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"processes {[p.pid for p in processes]} did not stop within {timeout:g}s")
+        time.sleep(0.0005)
+
+
 def kill_and_wait(processes: Iterable[ProcessId], timeout: float = 10.0) -> list[ProcessId]:
     """SIGKILL each process that is still that same one (a stopped one dies too); wait until all are gone.
 

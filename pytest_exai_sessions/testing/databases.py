@@ -145,9 +145,15 @@ class TestDatabases:
         try:
             self._drop_leftovers()
         finally:
-            if self._admin is not None:
-                self._admin.close()
-                self._admin = None
+            self.disconnect()
+
+    def disconnect(self) -> None:
+        """Close the kept connection and drop nothing: for a server that goes with all its databases."""
+        if self._background is not None:
+            self._background.stop()
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
 
     def _janitor(
         self,

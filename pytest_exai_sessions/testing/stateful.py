@@ -55,6 +55,7 @@ from ..manager import SessionManager
 from ..models import MAX_DURATION_MS, Session, SessionState, UserType, check_ip_address
 from ..server.cluster import TemporaryPostgres
 from ..server.connection import PostgresServer
+from ..server.power_loss import PowerLossPostgres
 from ..store import SessionStore
 from .crash import CrashHarness
 from .recovery import compare_snapshots
@@ -403,6 +404,10 @@ class SessionCrashMachine(RuleBasedStateMachine):
     # this many times per example: each costs a server restart, and shrinking replays many.
     database_crashes: ClassVar[bool] = True
     max_database_crashes: ClassVar[int] = 2
+    # On a server whose disk can lose power (the power_loss_harness fixture's), also cut its
+    # power: all that was not durable is gone. At most this many times per example.
+    power_cuts: ClassVar[bool] = True
+    max_power_cuts: ClassVar[int] = 2
     # Move the clock past the session timeout (when it is a ManualClock, e.g. exai_db_clock),
     # so that sessions time out and cleanup has something to expire; at most this many times
     # per example, since each ends every live session and most rules want one.
@@ -429,6 +434,7 @@ class SessionCrashMachine(RuleBasedStateMachine):
         self._admin_conn: psycopg.Connection[Any] | None = None
         self._rows_store: SessionStore | None = None
         self.database_crash_count = 0
+        self.power_cut_count = 0
         self.time_jump_count = 0
         self.managers: list[SessionManager] = []
         try:
@@ -760,9 +766,27 @@ class SessionCrashMachine(RuleBasedStateMachine):
         assert self.harness is not None
         self.database_crash_count += 1
         self.harness.crash_database(mode)
+        self._check_after_the_server_came_back(f"after a database crash ({mode}) and restart")
+
+    def _can_cut_power(self) -> bool:
+        return (
+            self.power_cuts
+            and isinstance(self.server, PowerLossPostgres)
+            and self.power_cut_count < self.max_power_cuts
+        )
+
+    @precondition(_can_cut_power)
+    @rule()
+    def cut_power(self) -> None:
+        """Every write the replicas had acknowledged must survive the cut; nothing else may appear."""
+        assert self.harness is not None
+        self.power_cut_count += 1
+        self.harness.cut_power()
+        self._check_after_the_server_came_back("after a power cut")
+
+    def _check_after_the_server_came_back(self, what: str) -> None:
         if self._admin_conn is not None:
             self._admin_conn.close()  # it died with the server
-        what = f"after a database crash ({mode}) and restart"
         # The first call through each pool after a restart may wait for it to reconnect:
         # wait for all of them at once. The running replicas keep what was committed.
         rows, everything_served = self.run(self._first_reads_after_a_restart())

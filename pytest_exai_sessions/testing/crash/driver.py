@@ -10,6 +10,7 @@ operation it completed is recorded even if the fault came before the driver read
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sys
@@ -166,6 +167,57 @@ class WorkloadChild:
             await self.process.wait()
 
 
+class ReplicaGroup:
+    """Several children of one workload, read as one: their records merged in the order they come.
+
+    A fault point counts whichever replica reaches it; ``go_on`` lets that one on.
+    """
+
+    def __init__(self, children: list[WorkloadChild]) -> None:
+        self.children = children
+        self._records: asyncio.Queue[tuple[WorkloadChild, Record] | None] = asyncio.Queue()
+        self._open = len(children)
+        self._waiting: list[WorkloadChild] = []
+        self._failures: list[BaseException] = []
+        self._readers = [asyncio.ensure_future(self._forward(child)) for child in children]
+
+    async def _forward(self, child: WorkloadChild) -> None:
+        try:
+            while (record := await child.read()) is not None:
+                self._records.put_nowait((child, record))
+        except (ValueError, TypeError) as error:  # a line that is no record: raised by read()
+            self._failures.append(error)
+        finally:
+            self._records.put_nowait(None)
+
+    async def read(self, timeout: float | None = None) -> Record | None:
+        while True:
+            item = await asyncio.wait_for(self._records.get(), timeout)
+            if self._failures:
+                raise self._failures[0]
+            if item is None:
+                self._open -= 1
+                if self._open == 0:
+                    return None
+                continue
+            child, record = item
+            if isinstance(record, FaultPointReached):
+                self._waiting.append(child)
+            return record
+
+    async def go_on(self) -> None:
+        await self._waiting.pop(0).go_on()
+
+    async def wait(self) -> None:
+        await asyncio.gather(*(child.wait() for child in self.children))
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        for child in self.children:
+            await child.close()
+
+
 async def drive(
     child: RunningWorkload,
     history: History,
@@ -248,6 +300,43 @@ async def run_in_process(running: InProcessWorkload, history: History, *, at: Fa
         running.kill()
         await running.wait()
     history.fired(fired)
+    return fired
+
+
+async def run_group(
+    spec: ChildSpec,
+    history: History,
+    *,
+    replicas: int,
+    at: FaultAt,
+    fire: Callable[[list[WorkloadChild]], None],
+    timeout: float,
+) -> str:
+    """Run ``replicas`` children at once until ``at``, counted over all of them; ``fire`` ends them all there."""
+    if replicas < 1:
+        raise ValueError(f"need replicas >= 1, got {replicas}")
+    with contextlib.ExitStack() as outputs:
+        children: list[WorkloadChild] = []
+        group: ReplicaGroup | None = None
+        try:
+            for replica in range(replicas):
+                output = outputs.enter_context(tempfile.TemporaryFile())
+                children.append(await WorkloadChild.start(replace(spec, replica=replica), output))
+            group = ReplicaGroup(children)
+            fired = await drive(group, history, at=at, fire=lambda: fire(children), timeout=timeout)
+        finally:
+            if group is not None:
+                await group.close()
+            else:
+                for child in children:
+                    await child.close()
+        if fired is None:
+            codes = [child.process.returncode for child in children]
+            raise RuntimeError(
+                f"the replicas ended (exit codes {codes}) before the fault point ({history.acknowledged} "
+                f"acknowledged operations); output of replica 0:\n{children[0].output_tail()}"
+            )
+    history.fired(f"{replicas} replicas {fired}")
     return fired
 
 

@@ -19,6 +19,7 @@ import psycopg
 from ...server.cluster import TemporaryPostgres
 from ...server.database import DatabaseUnderTest
 from ...server.pooler import PgBouncer
+from ...server.power_loss import PowerLossPostgres
 from ..backends import terminate_backends
 
 # SIGKILL: the server dies mid-write; the OS page cache survives, so every commit does too,
@@ -97,6 +98,25 @@ class KillDatabase:
         if self.database is not None and pooler is not None and pooler.pid is not None:  # unless it was killed too
             pooler.wait_until_ready(self.database.name)
         return time.monotonic() - started
+
+
+@dataclass
+class CutPower:
+    """The database server's power goes: what was not durable is lost; ``recover`` boots it again.
+
+    ``recover`` returns the seconds from the cut itself to accepting connections. A server
+    that does not come back raises ``ServerStartError`` with the tail of its log.
+    """
+
+    server: PowerLossPostgres
+
+    def inject(self) -> None:
+        self.server.cut_power()
+
+    def recover(self) -> float:
+        self.server.power_on()
+        assert self.server.cut_at is not None
+        return time.monotonic() - self.server.cut_at
 
 
 @dataclass

@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, NoReturn, TypeVar
+
+import psycopg
 
 from ...clock import SYSTEM_CLOCK, Clock, ManualClock
 from ...errors import ExaiSessionsError
 from ...manager import SessionManager
 from ...models import Session
-from ...server.cluster import TemporaryPostgres
+from ...server.cluster import ServerStartError, TemporaryPostgres
 from ...server.connection import PostgresServer
 from ...server.database import DatabaseDsn, DatabaseUnderTest, database_of
 from ...server.pooler import PgBouncer
+from ...server.power_loss import PowerLossPostgres
 from ...store import SessionStore
 from ..recovery import Snapshot, snapshot
 from .checker import CrashReport, check
 from .child import ChildSpec
-from .driver import InProcessWorkload, ReplicaPlan, WorkloadChild, run_in_process, run_one, run_replicas
-from .faults import EndBackends, Fault, FaultAt, KillDatabase, KillPooler, KillProcess, fault_at
+from .driver import (
+    InProcessWorkload,
+    ReplicaPlan,
+    WorkloadChild,
+    run_group,
+    run_in_process,
+    run_one,
+    run_replicas,
+)
+from .faults import CutPower, EndBackends, Fault, FaultAt, KillDatabase, KillPooler, KillProcess, fault_at
 from .history import History
 from .importable import object_path, resolve
 
@@ -28,6 +39,10 @@ M = TypeVar("M", bound=SessionManager)
 
 class DatabaseCrashUnsupported(ExaiSessionsError):
     """Only a server the plugin started can be killed and restarted."""
+
+
+class PowerLossUnrecoverable(ExaiSessionsError):
+    """After a power cut the database did not come back: the server did not start, or the database cannot be read."""
 
 
 def _refuse(reason: str) -> NoReturn:
@@ -290,6 +305,112 @@ class CrashHarness:
         fault = self._database_fault(mode)
         fault.inject()
         return fault.recover()
+
+    # the power
+
+    def _power_fault(self) -> CutPower:
+        if not isinstance(self.server, PowerLossPostgres):
+            self._unsupported("power cuts need a server whose disk can lose power: use the power_loss_harness fixture")
+        return CutPower(self.server)
+
+    def cut_power(self) -> float:
+        """Cut the database server's power, and boot it; return the seconds from the cut to accepting connections.
+
+        At the cut, whatever was not made durable (fsync) is gone, and every process of the
+        server dies at once. The disk is mounted again as after a reboot, and PostgreSQL runs
+        crash recovery on what is left. Managers built before reconnect, as after
+        ``crash_database()``. Blocks the event loop, as ``crash_database`` does. Raises
+        ``PowerLossUnrecoverable``, with the tail of the server's log, if it does not start.
+        """
+        fault = self._power_fault()
+        fault.inject()
+        return self._unrecoverable_as_such(fault.recover)
+
+    async def run_and_cut_power(
+        self,
+        workload: Any,
+        *,
+        cut_after_acks: int | None = None,
+        cut_after_secs: float | None = None,
+        cut_at: str | None = None,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """As ``run_and_kill``, but the power goes at the chosen point, and the workload's process dies with it.
+
+        Checked as ``run_and_kill`` is: every acknowledged write is present as it was
+        acknowledged, an operation in flight wholly present or wholly absent. A database that
+        does not come back raises ``PowerLossUnrecoverable``, with the server's log.
+        """
+        at = fault_at(after_acks=cut_after_acks, after_secs=cut_after_secs, at=cut_at, verb="cut")
+        fault = self._power_fault()
+        return await self._unrecoverable_as_such_async(
+            self.run_with_fault(
+                workload, at=at, fault=fault, params=params, manager_class=manager_class, timeout=timeout, **options
+            )
+        )
+
+    async def run_replicas_and_cut_power(
+        self,
+        workload: Any,
+        *,
+        replicas: int = 3,
+        cut_after_acks: int | None = None,
+        cut_after_secs: float | None = None,
+        cut_at: str | None = None,
+        seed: int = 0,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``replicas`` children of ``workload`` at once; the power goes at the point, counted over all of them.
+
+        Every replica dies with the power; the merged history is checked as ``run_replicas``
+        checks it. ``ctx.params`` carries ``params`` plus ``seed`` and ``replica_numbers``.
+        """
+        at = fault_at(after_acks=cut_after_acks, after_secs=cut_after_secs, at=cut_at, verb="cut")
+        fault = self._power_fault()
+        child_params = {**(params or {}), "seed": seed, "replica_numbers": replicas}
+        spec = self._spec(workload, manager_class, options, child_params)
+
+        async def run() -> CrashReport:
+            initial = await self._rows()
+            history = History(many_writers=True)
+
+            def fire(children: list[WorkloadChild]) -> None:
+                for child in children:
+                    KillProcess(child.process).inject()
+                fault.inject()
+                fault.recover()
+
+            await run_group(spec, history, replicas=replicas, at=at, fire=fire, timeout=timeout)
+            return await self._check(history, initial, manager_class, options)
+
+        return await self._unrecoverable_as_such_async(run())
+
+    def _unrecoverable_as_such(self, recover: Callable[[], float]) -> float:
+        try:
+            return recover()
+        except ServerStartError as error:
+            raise PowerLossUnrecoverable(f"the server did not start after the power cut: {error}") from None
+
+    async def _unrecoverable_as_such_async(self, run: Awaitable[CrashReport]) -> CrashReport:
+        """``run``, with a server that did not start, or a database it cannot read, after the cut said as such."""
+        try:
+            return await run
+        except ServerStartError as error:
+            raise PowerLossUnrecoverable(f"the server did not start after the power cut: {error}") from None
+        except (ExaiSessionsError, psycopg.Error) as error:
+            assert isinstance(self.server, PowerLossPostgres)
+            if self.server.cut_at is None or isinstance(error, PowerLossUnrecoverable):
+                raise
+            raise PowerLossUnrecoverable(
+                f"after the power cut the database cannot be read: {type(error).__name__}: {error}\n"
+                f"server log:\n{self.server.log_tail()}"
+            ) from None
 
     # the pooler
 
