@@ -20,7 +20,7 @@ from ..server.pooler import find_pgbouncer
 from ..testing.recovery import compare_snapshots
 from .config import ExaiConfig, add_options, read_config
 from .power_loss import register_marker
-from .servers import describe_pooler, describe_setup
+from .servers import describe_durability, describe_pooler, describe_setup
 from .templates import DECLARED
 from .timings import received_from_worker, send_to_controller, summary_lines
 
@@ -89,10 +89,16 @@ def config_of(config: pytest.Config) -> ExaiConfig:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """A line on the server the tests will get, and one on the pooler in front of it; starts and connects to nothing."""
+    """Lines on the server the tests will get, the pooler in front of it and, with ``--exai-dsn``, its durability.
+
+    Starts nothing; only the durability line connects.
+    """
     try:
         exai = config_of(config)
-        return [line for line in (describe_setup(exai), describe_pooler(exai)) if line is not None]
+        # xdist workers build a header too, which nobody sees: only the controller connects for it.
+        durability = None if hasattr(config, "workerinput") else describe_durability(exai)
+        lines = (describe_setup(exai), describe_pooler(exai), durability)
+        return [line for line in lines if line is not None]
     except pytest.UsageError:
         return []
 

@@ -12,8 +12,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ..durability import judge, read_settings_now, summarize
 from ..errors import ExaiSessionsError, MigrationError
 from ..models import utc_now
 from ..schema import load_migrations
@@ -137,6 +139,24 @@ def describe_setup(exai: ExaiConfig) -> str:
         f"exai-sessions: PostgreSQL {version} ({source}, {bindir}), temporary server in "
         f"{basedir} ({disk}) as OS user {user}, {_describe_initdb_cache(exai, bindir, os_user)}, {schema}"
     )
+
+
+def describe_durability(exai: ExaiConfig) -> str | None:
+    """With ``--exai-dsn``, the line on whether that server keeps the writes it acknowledges; else None.
+
+    The one header line that connects: the plugin's own server runs with fsync=off on
+    purpose, an external one may be what production runs on. A server that cannot be read
+    is said so on the line, and the run goes on (its tests say what they need).
+    """
+    if server_kind(exai) != "external":
+        return None
+    assert exai.dsn is not None
+    title = "exai-sessions: durability of the external server"
+    try:
+        server = read_settings_now(exai.dsn)
+    except (ExaiSessionsError, psycopg.Error, OSError) as error:
+        return f"{title}: could not check ({' '.join(str(error).split())})"
+    return f"{title}: {summarize(judge(server))} (exai-sessions check --dsn ... tells why)"
 
 
 def _describe_initdb_cache(exai: ExaiConfig, bindir: Path, os_user: OsUser | None) -> str:
