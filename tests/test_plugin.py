@@ -53,6 +53,8 @@ FIXTURES = (
     "exai_shared_dsn",
     "exai_rollback_conn",
     "exai_supabase",
+    "exai_power_loss_servers",
+    "power_loss_harness",
 )
 FLAGS = (
     "--exai-dsn",
@@ -363,7 +365,9 @@ def test_every_fixture_is_in_fixtures_listing_with_a_docstring(pytester: pytest.
     result = run_inner(pytester, "--fixtures")
     assert result.ret == 0
     output = result.stdout.str()
-    listed = set(re.findall(r"^(exai_\w+|session_\w+|crash_harness|event_store)\b", output, re.MULTILINE))
+    listed = set(
+        re.findall(r"^(exai_\w+|session_\w+|crash_harness|power_loss_harness|event_store)\b", output, re.MULTILINE)
+    )
     assert listed == set(FIXTURES), "every fixture of the plugin, and no other, is checked here"
     for name in FIXTURES:
         match = re.search(rf"^{name}( \[(\w+) scope\])? -- .*\n\s+(\S.*)$", output, re.MULTILINE)
@@ -372,11 +376,14 @@ def test_every_fixture_is_in_fixtures_listing_with_a_docstring(pytester: pytest.
     assert re.search(r"^exai_pg_server \[session scope\]", output, re.MULTILINE)
 
 
-def test_the_marker_is_registered_and_documented(pytester: pytest.Pytester) -> None:
+def test_the_markers_are_registered_and_documented(pytester: pytest.Pytester) -> None:
     result = run_inner(pytester, "--markers")
     assert result.ret == 0
     result.stdout.fnmatch_lines(
-        ["@pytest.mark.exai_sessions(**options): *session_timeout_secs*max_concurrent_sessions*"]
+        [
+            "@pytest.mark.exai_sessions(**options): *session_timeout_secs*max_concurrent_sessions*",
+            "@pytest.mark.exai_power_loss(settings={...}): *production durability*--exai-pg-setting*",
+        ]
     )
 
 
