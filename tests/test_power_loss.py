@@ -155,6 +155,16 @@ async def test_replicas_under_synchronous_commit_off_lose_writes(power_loss_harn
 
 
 @pytest.mark.asyncio
+async def test_the_power_goes_at_a_named_fault_point(power_loss_harness):
+    report = await power_loss_harness.run_and_cut_power("crash_workloads:counting_with_a_fault_point", cut_at="halfway")
+
+    report.assert_ok()
+    assert report.killed_at == "at fault point 'halfway'"
+    assert report.acknowledged == 10 + 5 * 10  # the ensures and five rounds, all before the point
+    assert report.recovered == 10
+
+
+@pytest.mark.asyncio
 async def test_a_cut_point_is_chosen_once(power_loss_harness):
     with pytest.raises(ValueError, match="choose exactly one of cut_after_acks, cut_after_secs and cut_at"):
         await power_loss_harness.run_and_cut_power(mixed_workload, cut_after_acks=3, cut_after_secs=1.0)
