@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hypothesis
@@ -24,8 +25,7 @@ from pytest_exai_sessions.server import find_bindir, server_os_user
 from pytest_exai_sessions.server.cluster import sweep_stale_clusters
 from pytest_exai_sessions.server.power_loss import PRODUCTION_DURABILITY, PowerLossPostgres, power_loss_unsupported
 from pytest_exai_sessions.server.private_directory import mounts_inside
-from pytest_exai_sessions.testing.crash import AfterSeconds, CrashHarness, KillDatabase
-from pytest_exai_sessions.testing.crash.harness import PowerLossUnrecoverable
+from pytest_exai_sessions.testing.crash import AfterSeconds, CrashHarness, KillDatabase, PowerLossUnrecoverable
 from pytest_exai_sessions.testing.stateful import SessionCrashMachine, run_crash_machine
 from pytest_exai_sessions.testing.workloads import mixed_workload, replica_workload
 
@@ -100,8 +100,9 @@ async def test_synchronous_commit_off_loses_acknowledged_writes(power_loss_harne
     assert setting(power_loss_harness, "synchronous_commit") == "off"
     losing = 0
     for cut in range(CUTS):
+        # One writer: every write of the last moment before the cut is lost all the same.
         report = await power_loss_harness.run_and_cut_power(
-            mixed_workload, cut_after_secs=2.0, params={"seed": cut}, **MANY
+            mixed_workload, cut_after_secs=2.0, params={"seed": cut, "workers": 1}, **MANY
         )
         losing += not report.ok
     assert losing >= 9, f"only {losing} of {CUTS} cuts found an acknowledged write lost"
@@ -134,24 +135,24 @@ async def test_a_server_kill_cannot_tell_fsync_off_from_durable(power_loss_harne
 @pytest.mark.asyncio
 async def test_replicas_lose_nothing_when_the_power_goes(power_loss_harness):
     report = await power_loss_harness.run_replicas_and_cut_power(
-        replica_workload, replicas=3, cut_after_acks=150, params={"steps": 400}, **MANY
+        replica_workload, replicas=3, cut_after_acks=600, params={"steps": 400}, **MANY
     )
     report.assert_ok()
-    assert report.replicas >= 2  # the last to start may have written nothing yet
-    assert report.acknowledged >= 150
-    assert report.killed_at == "3 replicas after 150 acknowledged operations"
+    assert report.replicas >= 2  # replicas start one after another: a late one may not have written yet
+    assert report.acknowledged >= 600
+    assert report.killed_at == "3 replicas after 600 acknowledged operations"
 
 
 @pytest.mark.asyncio
 @pytest.mark.exai_power_loss(settings={"synchronous_commit": "off"})
 async def test_replicas_under_synchronous_commit_off_lose_writes(power_loss_harness):
     losing = 0
-    for seed in range(3):
+    for seed in range(2):
         report = await power_loss_harness.run_replicas_and_cut_power(
-            replica_workload, cut_after_secs=1.5, seed=seed, params={"steps": 100_000, "prefix": f"s{seed}-"}, **MANY
+            replica_workload, cut_after_secs=1.0, seed=seed, params={"steps": 100_000, "prefix": f"s{seed}-"}, **MANY
         )
         losing += not report.ok
-    assert losing >= 2, f"only {losing} of 3 cuts found an acknowledged write lost"
+    assert losing >= 1, "neither cut found an acknowledged write lost"
 
 
 @pytest.mark.asyncio
@@ -212,8 +213,8 @@ def run_power_cut_machine(harness, **settings) -> None:
 
 def test_the_state_machine_cuts_the_power_and_recovers_every_acknowledged_session(power_loss_harness, monkeypatch):
     cuts = counting_cuts(monkeypatch)
-    run_power_cut_machine(power_loss_harness, max_examples=8, stateful_step_count=12)
-    assert cuts, "no power cut in 8 examples"
+    run_power_cut_machine(power_loss_harness, max_examples=6, stateful_step_count=10)
+    assert cuts, "no power cut in 6 examples"
 
 
 @pytest.mark.exai_power_loss(settings={"synchronous_commit": "off"})
@@ -350,3 +351,24 @@ def test_the_runs_settings_reach_the_power_loss_server_and_a_marker_overrides_th
     result = pytester.runpytest("-p", "no:randomly", "--exai-pg-setting", "synchronous_commit=off")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*@pytest.mark.exai_power_loss takes only settings={name: value}*"])
+
+
+@pytest.mark.asyncio
+async def test_the_disk_comes_back_while_another_mount_namespace_holds_the_old_one(power_loss_harness):
+    """Seen in CI: a run in a namespace of its own (``unshare -m``) copied the mount; after the cut
+    ``mount -o loop`` reused the loop device that copy kept bound, and got the shut-down filesystem."""
+    holder = subprocess.Popen(["unshare", "--mount", "sleep", "60"])
+    try:
+        namespace = f"/proc/{holder.pid}/ns/mnt"
+        while os.readlink(namespace) == os.readlink("/proc/self/ns/mnt"):  # until it has unshared
+            time.sleep(0.001)
+        manager = await power_loss_harness.new_manager()
+        before = await manager.ensure("kept", data={"n": 1})
+
+        power_loss_harness.cut_power()
+
+        assert await manager.get("kept") == before
+        assert (await manager.ensure("written after", data={"n": 2})).data == {"n": 2}
+    finally:
+        holder.kill()
+        holder.wait()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import ServerStartError, TemporaryPostgres
-from .private_directory import unmount
+from .private_directory import detach_loop_devices, unmount
 from .process import OsUser
 from .procfs import freeze, kill_and_wait
 
@@ -37,7 +37,7 @@ _NO_LOG_FLUSH = 2  # EXT4_GOING_FLAGS_NOLOGFLUSH: journal commits not yet on dis
 # Sparse: the image holds only what was written. A cluster, a template and the WAL between
 # checkpoints take a few hundred MB at most.
 IMAGE_BYTES = 2 << 30
-_TOOLS = ("mkfs.ext4", "mount", "umount")
+_TOOLS = ("mkfs.ext4", "losetup", "mount", "umount")
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 # What production runs: every commit flushed before it is acknowledged, torn pages repaired
@@ -78,6 +78,7 @@ class PowerLossDisk:
         self.image = directory / "disk.img"
         self.mount_point = directory / "disk"
         self.owner = owner
+        self.device: str | None = None  # the loop device while mounted
 
     def create(self) -> None:
         with open(self.image, "wb") as image:
@@ -88,8 +89,19 @@ class PowerLossDisk:
         self.mount()
 
     def mount(self) -> None:
-        # -o loop attaches a loop device that the kernel frees again at the unmount.
-        self._run("mount", "-t", "ext4", "-o", "loop", str(self.image), str(self.mount_point))
+        """Mount the image through a loop device of its own, attached now.
+
+        Never ``mount -o loop``: it reuses a loop device still bound to the image, and one
+        is bound after the unmount while a mount namespace made meanwhile (``unshare -m``,
+        as the examples' run without a system PostgreSQL does) still holds the old mount:
+        the new mount would then be the old, shut-down filesystem.
+        """
+        self.device = self._run("losetup", "--find", "--show", str(self.image)).strip()
+        try:
+            self._run("mount", "-t", "ext4", self.device, str(self.mount_point))
+        except ServerStartError:
+            detach_loop_devices([self.device])
+            raise
 
     @property
     def mounted(self) -> bool:
@@ -117,13 +129,17 @@ class PowerLossDisk:
     def unmount(self) -> None:
         if self.mounted:
             unmount(self.mount_point)
+        if self.device is not None:
+            detach_loop_devices([self.device])  # deferred by the kernel while another namespace holds it
+            self.device = None
 
-    def _run(self, tool: str, *arguments: str) -> None:
+    def _run(self, tool: str, *arguments: str) -> str:
         binary = shutil.which(tool, path=_SBIN_PATH) or tool
         result = subprocess.run([binary, *arguments], capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).strip()
             raise ServerStartError(f"{tool} {' '.join(arguments)} failed (exit {result.returncode}): {output}")
+        return result.stdout
 
 
 class PowerLossPostgres(TemporaryPostgres):

@@ -52,12 +52,37 @@ def mounts_inside(root: Path) -> list[Path]:
 
 def unmount(mount_point: Path) -> None:
     """Unmount it; lazily if something still holds it, so that no mount outlives its directory."""
-    umount = shutil.which("umount", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/bin", "/bin"])) or "umount"
+    umount = _tool("umount")
     for command in ([umount, str(mount_point)], [umount, "--lazy", str(mount_point)]):
         result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode == 0:
             return
     raise OSError(f"cannot unmount {mount_point}: {(result.stdout + result.stderr).strip()}")
+
+
+def loop_devices_inside(root: Path) -> list[str]:
+    """The loop devices (``/dev/loopN``) whose backing file lies inside ``root``."""
+    prefix = os.path.realpath(root) + "/"
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip().startswith(prefix):
+                found.append(f"/dev/{backing.parent.parent.name}")
+        except OSError:  # detached meanwhile
+            continue
+    return found
+
+
+def detach_loop_devices(devices: list[str]) -> None:
+    """Detach them; the kernel defers it for one still in use (a mount in another namespace)."""
+    for device in devices:
+        result = subprocess.run([_tool("losetup"), "--detach", device], capture_output=True, text=True)
+        if result.returncode != 0 and "No such device" not in result.stderr:
+            raise OSError(f"cannot detach {device}: {(result.stdout + result.stderr).strip()}")
+
+
+def _tool(name: str) -> str:
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])) or name
 
 
 def _postmaster_running_in(root: Path) -> bool:
@@ -81,7 +106,7 @@ def sweep_stale_clusters(basedir: Path) -> list[Path]:
 
     Before a directory goes, the processes still running inside it (by working directory or
     a path on their command line) are killed, and waited for, and what is mounted in it (a
-    power-loss disk) is unmounted.
+    power-loss disk) is unmounted and its loop device detached.
     """
     removed: list[Path] = []
     try:
@@ -117,6 +142,7 @@ def sweep_stale_clusters(basedir: Path) -> list[Path]:
             try:
                 for mount_point in mounts_inside(root):
                     unmount(mount_point)
+                detach_loop_devices(loop_devices_inside(root))
             except OSError:
                 continue  # never rmtree into a mounted disk
             shutil.rmtree(root, ignore_errors=True)

@@ -4,7 +4,8 @@
   ``ok``, ``fail`` or ``uncertain`` (``records.py``);
 - ``child.py`` and ``driver.py``: a workload in this process, in one child process or in
   several replicas at once, read the same way, with the fault fired at a point of it;
-- ``faults.py``: what breaks (the app's process, its backends, the database, the pooler)
+- ``faults.py``: what breaks (the app's process, its backends, the database, the pooler,
+  the database's power)
   and when (after N acknowledged operations, after a time, at a named fault point);
 - ``history.py``, ``checker.py``, ``one_writer.py``, ``many_writers.py``: the verdict over
   the whole history against every row stored after recovery;
@@ -18,12 +19,14 @@ from .faults import (
     AfterAcknowledged,
     AfterSeconds,
     AtFaultPoint,
+    CutPower,
     EndBackends,
     Fault,
     FaultAt,
     KillDatabase,
     KillPooler,
     KillProcess,
+    PowerLossUnrecoverable,
 )
 from .harness import CrashHarness, DatabaseCrashUnsupported
 from .history import History, Operation
@@ -37,6 +40,7 @@ __all__ = [
     "Completed",
     "CrashHarness",
     "CrashReport",
+    "CutPower",
     "DatabaseCrashUnsupported",
     "Done",
     "EndBackends",
@@ -49,6 +53,7 @@ __all__ = [
     "KillPooler",
     "KillProcess",
     "Operation",
+    "PowerLossUnrecoverable",
     "Ready",
     "Record",
     "Violation",

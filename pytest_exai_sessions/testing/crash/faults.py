@@ -16,7 +16,8 @@ from typing import Any, Literal, Protocol
 
 import psycopg
 
-from ...server.cluster import TemporaryPostgres
+from ...errors import ExaiSessionsError
+from ...server.cluster import ServerStartError, TemporaryPostgres
 from ...server.database import DatabaseUnderTest
 from ...server.pooler import PgBouncer
 from ...server.power_loss import PowerLossPostgres
@@ -100,23 +101,46 @@ class KillDatabase:
         return time.monotonic() - started
 
 
+class PowerLossUnrecoverable(ExaiSessionsError):
+    """After a power cut the database did not come back: the server did not start, or the database cannot be read."""
+
+
 @dataclass
 class CutPower:
     """The database server's power goes: what was not durable is lost; ``recover`` boots it again.
 
-    ``recover`` returns the seconds from the cut itself to accepting connections. A server
-    that does not come back raises ``ServerStartError`` with the tail of its log.
+    ``recover`` returns the seconds from the cut itself to accepting connections. It raises
+    ``PowerLossUnrecoverable``, with the tail of the server's log, when the server does not
+    start, or when ``database`` (if given) no longer accepts a connection.
     """
 
     server: PowerLossPostgres
+    database: DatabaseUnderTest | None = None
 
     def inject(self) -> None:
         self.server.cut_power()
 
     def recover(self) -> float:
-        self.server.power_on()
+        try:
+            self.server.power_on()
+        except ServerStartError as error:
+            raise PowerLossUnrecoverable(f"the server did not start after the power cut: {error}") from None
         assert self.server.cut_at is not None
-        return time.monotonic() - self.server.cut_at
+        seconds = time.monotonic() - self.server.cut_at
+        if self.database is not None:
+            self._connect(self.database.direct_dsn)
+        return seconds
+
+    def _connect(self, dsn: str) -> None:
+        # At once, not after a pool's retries: a database the cut took never comes back.
+        try:
+            psycopg.connect(dsn, connect_timeout=10).close()
+        except psycopg.OperationalError as error:
+            raise PowerLossUnrecoverable(self.lost(f"the database does not accept a connection: {error}")) from None
+
+    def lost(self, what: str) -> str:
+        """A message on what the cut left unreadable, with the server's log."""
+        return f"after the power cut {what}\nserver log:\n{self.server.log_tail()}"
 
 
 @dataclass

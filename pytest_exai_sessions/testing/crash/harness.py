@@ -12,7 +12,7 @@ from ...clock import SYSTEM_CLOCK, Clock, ManualClock
 from ...errors import ExaiSessionsError
 from ...manager import SessionManager
 from ...models import Session
-from ...server.cluster import ServerStartError, TemporaryPostgres
+from ...server.cluster import TemporaryPostgres
 from ...server.connection import PostgresServer
 from ...server.database import DatabaseDsn, DatabaseUnderTest, database_of
 from ...server.pooler import PgBouncer
@@ -30,7 +30,17 @@ from .driver import (
     run_one,
     run_replicas,
 )
-from .faults import CutPower, EndBackends, Fault, FaultAt, KillDatabase, KillPooler, KillProcess, fault_at
+from .faults import (
+    CutPower,
+    EndBackends,
+    Fault,
+    FaultAt,
+    KillDatabase,
+    KillPooler,
+    KillProcess,
+    PowerLossUnrecoverable,
+    fault_at,
+)
 from .history import History
 from .importable import object_path, resolve
 
@@ -39,10 +49,6 @@ M = TypeVar("M", bound=SessionManager)
 
 class DatabaseCrashUnsupported(ExaiSessionsError):
     """Only a server the plugin started can be killed and restarted."""
-
-
-class PowerLossUnrecoverable(ExaiSessionsError):
-    """After a power cut the database did not come back: the server did not start, or the database cannot be read."""
 
 
 def _refuse(reason: str) -> NoReturn:
@@ -311,7 +317,7 @@ class CrashHarness:
     def _power_fault(self) -> CutPower:
         if not isinstance(self.server, PowerLossPostgres):
             self._unsupported("power cuts need a server whose disk can lose power: use the power_loss_harness fixture")
-        return CutPower(self.server)
+        return CutPower(self.server, self.database)
 
     def cut_power(self) -> float:
         """Cut the database server's power, and boot it; return the seconds from the cut to accepting connections.
@@ -320,11 +326,12 @@ class CrashHarness:
         server dies at once. The disk is mounted again as after a reboot, and PostgreSQL runs
         crash recovery on what is left. Managers built before reconnect, as after
         ``crash_database()``. Blocks the event loop, as ``crash_database`` does. Raises
-        ``PowerLossUnrecoverable``, with the tail of the server's log, if it does not start.
+        ``PowerLossUnrecoverable``, with the tail of the server's log, when the server does not
+        start or the database is gone.
         """
         fault = self._power_fault()
         fault.inject()
-        return self._unrecoverable_as_such(fault.recover)
+        return fault.recover()
 
     async def run_and_cut_power(
         self,
@@ -346,11 +353,10 @@ class CrashHarness:
         """
         at = fault_at(after_acks=cut_after_acks, after_secs=cut_after_secs, at=cut_at, verb="cut")
         fault = self._power_fault()
-        return await self._unrecoverable_as_such_async(
-            self.run_with_fault(
-                workload, at=at, fault=fault, params=params, manager_class=manager_class, timeout=timeout, **options
-            )
+        run = self.run_with_fault(
+            workload, at=at, fault=fault, params=params, manager_class=manager_class, timeout=timeout, **options
         )
+        return await self._unreadable_as_lost(fault, run)
 
     async def run_replicas_and_cut_power(
         self,
@@ -389,27 +395,17 @@ class CrashHarness:
             await run_group(spec, history, replicas=replicas, at=at, fire=fire, timeout=timeout)
             return await self._check(history, initial, manager_class, options)
 
-        return await self._unrecoverable_as_such_async(run())
+        return await self._unreadable_as_lost(fault, run())
 
-    def _unrecoverable_as_such(self, recover: Callable[[], float]) -> float:
-        try:
-            return recover()
-        except ServerStartError as error:
-            raise PowerLossUnrecoverable(f"the server did not start after the power cut: {error}") from None
-
-    async def _unrecoverable_as_such_async(self, run: Awaitable[CrashReport]) -> CrashReport:
-        """``run``, with a server that did not start, or a database it cannot read, after the cut said as such."""
+    async def _unreadable_as_lost(self, fault: CutPower, run: Awaitable[CrashReport]) -> CrashReport:
+        """``run``; a database that came back but cannot be read after the cut (a table gone) is said as such."""
         try:
             return await run
-        except ServerStartError as error:
-            raise PowerLossUnrecoverable(f"the server did not start after the power cut: {error}") from None
         except (ExaiSessionsError, psycopg.Error) as error:
-            assert isinstance(self.server, PowerLossPostgres)
-            if self.server.cut_at is None or isinstance(error, PowerLossUnrecoverable):
+            if fault.server.cut_at is None or isinstance(error, PowerLossUnrecoverable):
                 raise
             raise PowerLossUnrecoverable(
-                f"after the power cut the database cannot be read: {type(error).__name__}: {error}\n"
-                f"server log:\n{self.server.log_tail()}"
+                fault.lost(f"the database cannot be read: {type(error).__name__}: {error}")
             ) from None
 
     # the pooler

@@ -1,7 +1,7 @@
 """Power loss: the database's disk loses what was not durable, and every acknowledged session must survive.
 
 Runs on Linux as root with loop devices; elsewhere these tests skip, saying what is missing.
-Try your production settings: ``pytest --exai-pg-setting synchronous_commit=off examples/test_power_loss.py``.
+Try your production settings: ``pytest --exai-pg-setting synchronous_commit=off examples/test_power_cuts.py``.
 """
 
 import pytest
