@@ -326,7 +326,9 @@ def test_a_test_that_needs_the_power_loss_server_skips_with_one_line_where_there
     result.stdout.fnmatch_lines(["SKIPPED *: no power-loss server here: power loss needs root (uid 1000)"])
 
 
-def test_the_runs_settings_reach_the_power_loss_server_and_a_marker_overrides_them(pytester):
+def test_the_runs_settings_schema_and_clock_reach_the_power_loss_server_and_a_marker_overrides_them(pytester):
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\nexai_migrations = schema.sql\n")
+    pytester.makefile(".sql", schema="CREATE TABLE public.app_orders (id bigint PRIMARY KEY);")
     pytester.makepyfile(
         """
         import psycopg
@@ -340,6 +342,12 @@ def test_the_runs_settings_reach_the_power_loss_server_and_a_marker_overrides_th
             assert setting(power_loss_harness, "synchronous_commit") == "off"
             assert setting(power_loss_harness, "fsync") == "on"
 
+        def test_the_runs_template_and_clock(power_loss_harness):
+            with psycopg.connect(power_loss_harness.dsn) as conn:
+                assert conn.execute("SELECT to_regclass('public.app_orders')").fetchone() == ("app_orders",)
+                assert conn.execute("SELECT unified.clock_now()").fetchone()[0].year == 2031
+            assert power_loss_harness.clock.now().year == 2031
+
         @pytest.mark.exai_power_loss(settings={"synchronous_commit": "local"})
         def test_marker(power_loss_harness):
             assert setting(power_loss_harness, "synchronous_commit") == "local"
@@ -349,8 +357,10 @@ def test_the_runs_settings_reach_the_power_loss_server_and_a_marker_overrides_th
             pass
         """
     )
-    result = pytester.runpytest("-p", "no:randomly", "--exai-pg-setting", "synchronous_commit=off")
-    result.assert_outcomes(passed=2, errors=1)
+    result = pytester.runpytest(
+        "-p", "no:randomly", "--exai-pg-setting", "synchronous_commit=off", "--exai-clock=2031-05-01T12:00:00Z"
+    )
+    result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*@pytest.mark.exai_power_loss takes only settings={name: value}*"])
 
 
