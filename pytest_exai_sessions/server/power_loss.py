@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import ServerStartError, TemporaryPostgres
-from .private_directory import detach_loop_devices, unmount
+from .private_directory import detach_loop_devices, mounts_inside, unmount
 from .process import OsUser
 from .procfs import freeze, kill_and_wait
 
@@ -105,7 +105,8 @@ class PowerLossDisk:
 
     @property
     def mounted(self) -> bool:
-        return os.path.ismount(self.mount_point)
+        # From the mount table, not a stat of the mount point: the filesystem may be shut down.
+        return Path(os.path.realpath(self.mount_point)) in mounts_inside(self.mount_point.parent)
 
     def sync(self) -> None:
         """Make everything written so far durable (syncfs of this filesystem only)."""

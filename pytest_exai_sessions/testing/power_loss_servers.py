@@ -51,9 +51,10 @@ class PowerLossServers:
 
     def release(self, database: DatabaseUnderTest) -> None:
         """Drop the test's database; or, if a cut left its server unprotected or down, stop that server."""
-        key, running = next((k, r) for k, r in self._running.items() if r.server is database.server)
-        settings = set(running.server.settings.items())
-        if running.server.pid is None or (running.server.cut_at is not None and settings & _UNPROTECTED):
+        key = next(key for key, running in self._running.items() if running.server is database.server)
+        running = self._running[key]
+        unprotected = set(running.server.settings.items()) & _UNPROTECTED
+        if running.server.pid is None or (running.server.cut_at is not None and unprotected):
             del self._running[key]
             self._stop(running)
             return

@@ -398,12 +398,13 @@ class CrashHarness:
         return await self._unreadable_as_lost(fault, run())
 
     async def _unreadable_as_lost(self, fault: CutPower, run: Awaitable[CrashReport]) -> CrashReport:
-        """``run``; a database that came back but cannot be read after the cut (a table gone) is said as such."""
+        """``run``; a database that came back but cannot be read after its cut (a table gone) is said as such."""
+        cut_before = fault.server.cut_at
         try:
             return await run
         except (ExaiSessionsError, psycopg.Error) as error:
-            if fault.server.cut_at is None or isinstance(error, PowerLossUnrecoverable):
-                raise
+            if fault.server.cut_at == cut_before or isinstance(error, PowerLossUnrecoverable):
+                raise  # not after this run's cut, or said already
             raise PowerLossUnrecoverable(
                 fault.lost(f"the database cannot be read: {type(error).__name__}: {error}")
             ) from None
