@@ -383,3 +383,25 @@ async def test_the_disk_comes_back_while_another_mount_namespace_holds_the_old_o
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_power_on_starts_over_the_empty_lock_file_an_unsynced_start_leaves(basedir, exai_config):
+    """With fsync=off the cut can keep postmaster.pid's name but not its content, and PostgreSQL
+    refuses to start over an empty one: power_on removes it."""
+    reason = power_loss_unsupported()
+    if reason is not None:
+        pytest.skip(reason)
+    bindir = find_bindir(exai_config.pg_bin)
+    with PowerLossPostgres(bindir, basedir=basedir, os_user=server_os_user(None), settings={"fsync": "off"}) as server:
+        server.cut_power()
+        server.disk.unmount()  # the disk back, to leave the lock file as such a cut can
+        server.disk.mount()
+        lock_file = server.datadir / "postmaster.pid"
+        lock_file.write_bytes(b"")
+        server.disk.sync()
+
+        server.power_on()
+
+        with psycopg.connect(server.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert list(basedir.iterdir()) == []
