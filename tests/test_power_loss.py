@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +22,8 @@ import psycopg
 import pytest
 from pg_leftovers import read_proc, wait_until_gone
 
-from pytest_exai_sessions.server import find_bindir, server_os_user
-from pytest_exai_sessions.server.cluster import sweep_stale_clusters
+from pytest_exai_sessions.server import InitdbCache, find_bindir, server_os_user
+from pytest_exai_sessions.server.cluster import FROM_INITDB_CACHE, FROM_INITDB_CACHE_BUILT, sweep_stale_clusters
 from pytest_exai_sessions.server.power_loss import PRODUCTION_DURABILITY, PowerLossPostgres, power_loss_unsupported
 from pytest_exai_sessions.server.private_directory import mounts_inside
 from pytest_exai_sessions.testing.crash import AfterSeconds, CrashHarness, KillDatabase, PowerLossUnrecoverable
@@ -405,3 +406,51 @@ def test_power_on_starts_over_the_empty_lock_file_an_unsynced_start_leaves(based
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
     assert list(basedir.iterdir()) == []
+
+
+def test_a_server_a_cut_may_have_broken_serves_no_further_test(pytester):
+    pytester.makepyfile(
+        """
+        import contextlib
+
+        import pytest
+
+        from pytest_exai_sessions.testing.crash import PowerLossUnrecoverable
+
+        roots = {}
+
+        @pytest.mark.exai_power_loss(settings={"fsync": "False"})
+        def test_a_cut_without_fsync(power_loss_harness):
+            roots["unprotected"] = power_loss_harness.server.root
+            with contextlib.suppress(PowerLossUnrecoverable):  # the test's database may be gone: fsync is off
+                power_loss_harness.cut_power()
+
+        @pytest.mark.exai_power_loss(settings={"fsync": "False"})
+        def test_the_next_gets_a_new_server(power_loss_harness):
+            assert power_loss_harness.server.root != roots["unprotected"]
+
+        def test_a_cut_with_production_durability(power_loss_harness):
+            roots["protected"] = power_loss_harness.server.root
+            power_loss_harness.cut_power()
+
+        def test_the_next_keeps_that_server(power_loss_harness):
+            assert power_loss_harness.server.root == roots["protected"]
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+
+
+def test_a_cold_initdb_cache_builds_onto_the_disk_of_another_filesystem(basedir, exai_config):
+    """The cache's build moves initdb's output into place; the power-loss disk is another filesystem."""
+    reason = power_loss_unsupported()
+    if reason is not None:
+        pytest.skip(reason)
+    cache = InitdbCache(basedir / "cache")
+    bindir = find_bindir(exai_config.pg_bin)
+    for expected in (FROM_INITDB_CACHE_BUILT, FROM_INITDB_CACHE):
+        with PowerLossPostgres(bindir, basedir=basedir, os_user=server_os_user(None), initdb_cache=cache) as server:
+            assert server.cluster_source == expected
+            with psycopg.connect(server.dsn(), autocommit=True) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    shutil.rmtree(basedir / "cache")

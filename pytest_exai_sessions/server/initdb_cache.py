@@ -24,6 +24,7 @@ nobody else: a cache others can write would hand them the next cluster.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -136,9 +137,9 @@ class InitdbCache:
         owns what is unpacked. ``description`` is stored with the entry for listings.
         Returns whether an existing entry was unpacked or one was built now. An entry that
         does not unpack is built again. A build that fails raises its own error (or
-        ``InitdbCacheError``) and publishes nothing; ``target`` is then absent. The caller keeps
-        ``target`` on the cache's filesystem: a build moves initdb's output there instead of
-        unpacking the archive it just wrote.
+        ``InitdbCacheError``) and publishes nothing; ``target`` is then absent. On the cache's
+        filesystem a build moves initdb's output to ``target`` instead of unpacking the archive
+        it just wrote; on another (a power-loss disk) it unpacks it.
         """
         if target.name != "data":
             raise ValueError(f"the data directory to create must be named 'data', got {target}")
@@ -270,10 +271,7 @@ class InitdbCache:
 
     def _unpack(self, key: str, target: Path, run_as: Mapping[str, Any] | None) -> bool:
         """Unpack the entry's archive into ``target`` as the server's user; False (and no ``target``) if it fails."""
-        # Its one member is the directory "data", with initdb's mode (0700) and files.
-        command = [_tar(), "-x", "-p", "-f", str(self.directory / key / _ARCHIVE), "-C", str(target.parent)]
-        if _run(command, run_as, cwd=target.parent) is not None or not (target / "PG_VERSION").is_file():
-            shutil.rmtree(target, ignore_errors=True)
+        if not _extract(self.directory / key / _ARCHIVE, target, run_as):
             return False
         with contextlib.suppress(OSError):  # only the order in which old entries are pruned depends on it
             os.utime(self.directory / key / _READY)
@@ -299,7 +297,14 @@ class InitdbCache:
             failure = _run([_tar(), "-c", "-f", _ARCHIVE, "data"], run_as, cwd=building)
             if failure is not None:
                 raise InitdbCacheError(f"could not archive the initdb output in {building}: {failure}")
-            (building / "data").rename(target)  # the same filesystem: a rename, no copy
+            try:
+                (building / "data").rename(target)  # the same filesystem: a rename, no copy
+            except OSError as error:
+                # Another filesystem (a power-loss disk): unpack what was just archived.
+                if error.errno != errno.EXDEV:
+                    raise
+                if not _extract(building / _ARCHIVE, target, run_as):
+                    raise InitdbCacheError(f"could not unpack the initdb output of {building} into {target}") from None
             ready = {
                 "format": _FORMAT,
                 "key": key,
@@ -323,6 +328,16 @@ class InitdbCache:
             path.unlink(missing_ok=True)
         elif path.exists():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _extract(archive: Path, target: Path, run_as: Mapping[str, Any] | None) -> bool:
+    """Unpack ``archive`` into ``target`` as the server's user; False (and no ``target``) if it fails."""
+    # Its one member is the directory "data", with initdb's mode (0700) and files.
+    command = [_tar(), "-x", "-p", "-f", str(archive), "-C", str(target.parent)]
+    if _run(command, run_as, cwd=target.parent) is not None or not (target / "PG_VERSION").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        return False
+    return True
 
 
 def _tar() -> str:

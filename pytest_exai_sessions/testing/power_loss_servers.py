@@ -18,7 +18,8 @@ from .databases import TestDatabases
 from .template_schema import ResolvedSchema
 
 Settings = Mapping[str, str]
-_UNPROTECTED = {("fsync", "off"), ("full_page_writes", "off")}
+_PROTECTING = ("fsync", "full_page_writes")  # off, and a cut may leave the catalog broken
+_OFF = {"off", "false", "no", "0"}  # as PostgreSQL spells a boolean's off (any case)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class PowerLossServers:
         """Drop the test's database; or, if a cut left its server unprotected or down, stop that server."""
         key = next(key for key, running in self._running.items() if running.server is database.server)
         running = self._running[key]
-        unprotected = set(running.server.settings.items()) & _UNPROTECTED
+        settings = running.server.settings
+        unprotected = any(settings.get(name, "on").strip().lower() in _OFF for name in _PROTECTING)
         if running.server.pid is None or (running.server.cut_at is not None and unprotected):
             del self._running[key]
             self._stop(running)
