@@ -55,6 +55,8 @@ FIXTURES = (
     "exai_supabase",
     "exai_power_loss_servers",
     "power_loss_harness",
+    "exai_failover_clusters",
+    "failover_harness",
 )
 FLAGS = (
     "--exai-dsn",
@@ -366,7 +368,11 @@ def test_every_fixture_is_in_fixtures_listing_with_a_docstring(pytester: pytest.
     assert result.ret == 0
     output = result.stdout.str()
     listed = set(
-        re.findall(r"^(exai_\w+|session_\w+|crash_harness|power_loss_harness|event_store)\b", output, re.MULTILINE)
+        re.findall(
+            r"^(exai_\w+|session_\w+|crash_harness|power_loss_harness|failover_harness|event_store)\b",
+            output,
+            re.MULTILINE,
+        )
     )
     assert listed == set(FIXTURES), "every fixture of the plugin, and no other, is checked here"
     for name in FIXTURES:
@@ -383,6 +389,7 @@ def test_the_markers_are_registered_and_documented(pytester: pytest.Pytester) ->
         [
             "@pytest.mark.exai_sessions(**options): *session_timeout_secs*max_concurrent_sessions*",
             "@pytest.mark.exai_power_loss(settings={...}): *production durability*--exai-pg-setting*",
+            "@pytest.mark.exai_failover(standbys=1, synchronous=True): *standbys*FIRST 1*ANY k*asynchronous*",
         ]
     )
 

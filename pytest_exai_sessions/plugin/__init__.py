@@ -2,9 +2,11 @@
 
 Thin wiring: ``hooks`` (options, marker, header, cleanup), ``servers`` (which server a run
 uses, decided once), ``fixtures`` (what tests ask for), ``power_loss`` (the harness on a
-disk that can lose power). Nothing outside this package imports it.
+disk that can lose power), ``failover`` (the harness on a primary with
+standbys). Nothing outside this package imports it.
 """
 
+from .failover import exai_failover_clusters, failover_harness
 from .fixtures import (
     _exai_template_before_any_test,
     crash_harness,
@@ -54,6 +56,7 @@ __all__ = [
     "exai_db_clock",
     "exai_direct_dsn",
     "exai_dsn",
+    "exai_failover_clusters",
     "exai_manager_options",
     "exai_pg_server",
     "exai_pgbouncer",
@@ -63,6 +66,7 @@ __all__ = [
     "exai_shared_dsn",
     "exai_supabase",
     "exai_templates",
+    "failover_harness",
     "power_loss_harness",
     "pytest_addoption",
     "pytest_assertrepr_compare",

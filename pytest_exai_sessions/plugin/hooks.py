@@ -18,8 +18,8 @@ from ..server import default_basedir, find_bindir, server_os_user
 from ..server.cluster import sweep_stale_clusters, temporary_server_supported
 from ..server.pooler import find_pgbouncer
 from ..testing.recovery import compare_snapshots
+from . import failover, power_loss
 from .config import ExaiConfig, add_options, read_config
-from .power_loss import register_marker
 from .servers import describe_durability, describe_pooler, describe_setup
 from .templates import DECLARED
 from .timings import received_from_worker, send_to_controller, summary_lines
@@ -45,7 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
         f"e.g. @pytest.mark.{MARKER}(session_timeout_secs=1, max_concurrent_sessions=5); "
         f"known options: {', '.join(MANAGER_OPTIONS)}",
     )
-    register_marker(config)
+    power_loss.register_marker(config)
+    failover.register_marker(config)
     if config.getoption("help", False) or config.getoption("version", False):
         return
     # Bad options fail the run once, here, as a usage error, instead of once per test.

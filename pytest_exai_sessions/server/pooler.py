@@ -230,6 +230,17 @@ class PgBouncer(Startable):
                     ) from None
                 time.sleep(0.01)
 
+    def retarget(self, server: PostgresServer) -> None:
+        """From now on connect to ``server`` (a promoted standby): the configuration is rewritten and reloaded.
+
+        Clients stay connected to PgBouncer; their next transactions get server connections to
+        the new server, as after a failover behind a pooler whose target is changed.
+        """
+        self.server = server
+        self._write("pgbouncer.ini", self._config())
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGHUP)
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal PgBouncer (SIGKILL by default) and reap it: every client and server connection drops."""
         self._child.kill(sig, timeout=_SHUTDOWN_TIMEOUT)

@@ -168,3 +168,17 @@ def kill_and_wait(processes: Iterable[ProcessId], timeout: float = 10.0) -> list
     while (left := [p for p in processes if is_running(p)]) and time.monotonic() < deadline:
         time.sleep(0.005)
     return left
+
+
+def stop_processes(processes: Iterable[ProcessId], timeout: float = 10.0) -> None:
+    """SIGSTOP each process that is still that same one; return once all are stopped (or gone)."""
+    processes = list(processes)
+    for process in processes:
+        _signal(process, signal.SIGSTOP)
+    _wait_until_stopped(processes, timeout)
+
+
+def continue_processes(processes: Iterable[ProcessId]) -> None:
+    """SIGCONT each process that is still that same one."""
+    for process in processes:
+        _signal(process, signal.SIGCONT)

@@ -225,10 +225,12 @@ async def drive(
     at: FaultAt | None,
     fire: Callable[[], None],
     timeout: float | None = None,
+    survives: bool = False,
 ) -> str | None:
     """Read ``child``'s records into ``history``; at the point ``at``, call ``fire``.
 
-    ``fire`` must end the workload. Returns where it fired (e.g. ``"after 12 acknowledged
+    ``fire`` must end the workload, unless it ``survives`` the fault: then a workload waiting
+    at the fault point is let on after it, and read until it ends. Returns where it fired (e.g. ``"after 12 acknowledged
     operations"``), or None when the workload ended first. A point after N seconds counts
     from the child's ``Ready``; until then only ``timeout`` applies.
     """
@@ -262,6 +264,8 @@ async def drive(
             else:
                 await child.go_on()
     fire()
+    if survives and isinstance(at, AtFaultPoint):
+        await child.go_on()
     while (record := await child.read()) is not None:
         history.add(record)
     await child.wait()
@@ -284,6 +288,37 @@ async def run_one(
                 f"({history.acknowledged} acknowledged operations); output:\n{child.output_tail()}"
             )
     history.fired(fired)
+    return fired
+
+
+async def run_through(
+    spec: ChildSpec, history: History, *, at: FaultAt, fire: Callable[[], None], timeout: float, what: str
+) -> str:
+    """Run one child; at ``at`` call ``fire``, which leaves it running. The workload must go on to its end.
+
+    For a fault the application outlives (a failover): what it does after is recorded too.
+    ``what`` the fault killed, for the report ("the primary").
+    """
+    with tempfile.TemporaryFile() as output:
+        child = await WorkloadChild.start(spec, output)
+        try:
+            async with asyncio.timeout(timeout):
+                fired = await drive(child, history, at=at, fire=fire, survives=True)
+        except TimeoutError:
+            raise TimeoutError(f"the workload did not end within {timeout}s; output:\n{child.output_tail()}") from None
+        finally:
+            await child.close()
+        if fired is None:
+            raise RuntimeError(
+                f"the workload ended (exit {child.process.returncode}) before the fault point "
+                f"({history.acknowledged} acknowledged operations); output:\n{child.output_tail()}"
+            )
+        if child.process.returncode != 0:
+            raise RuntimeError(
+                f"the workload failed after the fault (exit {child.process.returncode}): it must run through it; "
+                f"output:\n{child.output_tail()}"
+            )
+    history.fired(f"{what} {fired}")
     return fired
 
 

@@ -21,6 +21,7 @@ from ...server.cluster import ServerStartError, TemporaryPostgres
 from ...server.database import DatabaseUnderTest
 from ...server.pooler import PgBouncer
 from ...server.power_loss import PowerLossPostgres
+from ...server.replication import ReplicatedCluster
 from ..backends import terminate_backends
 
 # SIGKILL: the server dies mid-write; the OS page cache survives, so every commit does too,
@@ -141,6 +142,30 @@ class CutPower:
     def lost(self, what: str) -> str:
         """A message on what the cut left unreadable, with the server's log."""
         return f"after the power cut {what}\nserver log:\n{self.server.log_tail()}"
+
+
+@dataclass
+class FailOver:
+    """The primary dies (``inject``); the most advanced standby is promoted and the others follow it (``recover``).
+
+    The application lives on: unlike the other faults, a workload runs through it. ``recover``
+    returns the seconds from the kill to the first commit acknowledged on the new primary,
+    through ``database``'s pooler when it has one (retargeted to the new primary, as an
+    operator or a failover manager would).
+    """
+
+    cluster: ReplicatedCluster
+    database: DatabaseUnderTest | None = None
+
+    def inject(self) -> None:
+        self.cluster.kill_primary()
+
+    def recover(self) -> float:
+        self.cluster.promote()
+        pooler = None if self.database is None else self.database.pooler
+        if pooler is not None:
+            pooler.retarget(self.cluster.primary)
+        return self.cluster.first_write(None if self.database is None else self.database.dsn)
 
 
 @dataclass

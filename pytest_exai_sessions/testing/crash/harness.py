@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal, NoReturn, TypeVar
 
 import psycopg
@@ -17,6 +18,7 @@ from ...server.connection import PostgresServer
 from ...server.database import DatabaseDsn, DatabaseUnderTest, database_of
 from ...server.pooler import PgBouncer
 from ...server.power_loss import PowerLossPostgres
+from ...server.replication import ReplicatedCluster
 from ...store import SessionStore
 from ..recovery import Snapshot, snapshot
 from .checker import CrashReport, check
@@ -29,10 +31,12 @@ from .driver import (
     run_in_process,
     run_one,
     run_replicas,
+    run_through,
 )
 from .faults import (
     CutPower,
     EndBackends,
+    FailOver,
     Fault,
     FaultAt,
     KillDatabase,
@@ -408,6 +412,86 @@ class CrashHarness:
             raise PowerLossUnrecoverable(
                 fault.lost(f"the database cannot be read: {type(error).__name__}: {error}")
             ) from None
+
+    # a failover
+
+    def _cluster(self) -> ReplicatedCluster:
+        if not isinstance(self.server, ReplicatedCluster):
+            self._unsupported("failovers need a primary with standbys: use the failover_harness fixture")
+        return self.server
+
+    def fail_over(self) -> float:
+        """SIGKILL the primary, promote the most advanced standby, re-point the others; the seconds to the first write.
+
+        The seconds run from the kill to the first commit the new primary acknowledges through
+        this harness's DSN (its pooler, retargeted, when there is one). Managers built before
+        follow the new primary through the multi-host DSN without a restart. Blocks the event
+        loop, as ``crash_database`` does.
+        """
+        fault = FailOver(self._cluster(), self.database)
+        fault.inject()
+        return fault.recover()
+
+    def rejoin(self) -> float:
+        """Bring the dead former primary back as a standby of the new one (pg_rewind); the seconds until it streams.
+
+        With synchronous replication it is named a synchronous standby again.
+        """
+        return self._cluster().rejoin()
+
+    @contextlib.contextmanager
+    def stall_replication(self) -> Iterator[None]:
+        """Stop the standbys from receiving WAL until the block ends (their WAL receivers are SIGSTOPped).
+
+        Under synchronous replication commits then wait; under asynchronous replication the
+        standbys fall behind. ``fail_over()`` inside kills the primary first, then lets the
+        standbys receive what had reached them, then promotes: a crash during a lag.
+        """
+        with self._cluster().stall_replication():
+            yield
+
+    def cancel_waiting_commits(self) -> int:
+        """Cancel every commit waiting for a synchronous standby, as an impatient client would; how many there were.
+
+        Each was committed on the primary already: its client gets success with a warning
+        (which the store turns into ``CommitUncertain``), and a failover may lose it.
+        """
+        return self._cluster().cancel_waiting_commits()
+
+    async def run_and_fail_over(
+        self,
+        workload: Any,
+        *,
+        fail_over_after_acks: int | None = None,
+        fail_over_after_secs: float | None = None,
+        fail_over_at: str | None = None,
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``workload`` in a child process; at the chosen point fail over, and let it run on to its end.
+
+        The application outlives a database failover: its manager follows the new primary.
+        Checked against the new primary: every acknowledged write present as acknowledged, every
+        write the store refused (a ``PersistenceError`` that is not ``CommitUncertain``) absent,
+        every uncertain one (a lost connection, a commit whose wait for the standby ended
+        unconfirmed) wholly present or wholly absent.
+        """
+        at = fault_at(
+            after_acks=fail_over_after_acks, after_secs=fail_over_after_secs, at=fail_over_at, verb="fail_over"
+        )
+        fault = FailOver(self._cluster(), self.database)
+        spec = self._spec(workload, manager_class, options, params or {})
+        initial = await self._rows()
+        history = History()
+
+        def fire() -> None:
+            fault.inject()
+            fault.recover()
+
+        await run_through(spec, history, at=at, fire=fire, timeout=timeout, what="the primary, and failed over,")
+        return await self._check(history, initial, manager_class, options)
 
     # the pooler
 

@@ -9,7 +9,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from ...errors import SessionConflict, SessionNotFound
+from ...errors import ExaiSessionsError, SessionConflict, SessionNotFound
 from .client import WorkloadContext
 
 
@@ -17,8 +17,10 @@ async def mixed_workload(ctx: WorkloadContext) -> None:
     """Create, count requests, update, run requests and remove, at random, until killed.
 
     params: ``sessions`` (ids to use, default 12), ``workers`` (concurrent tasks, each with its
-    own ids, default 3), ``seed``, ``steps`` (per worker, default unbounded in practice) and
-    ``fault_points`` (announce ``before-<op>-<worker>-<step>`` before each write).
+    own ids, default 3), ``seed``, ``steps`` (per worker, default unbounded in practice),
+    ``fault_points`` (announce ``before-<op>-<worker>-<step>`` before each write) and
+    ``keep_going`` (an operation that raises is recorded, and the worker goes on: for a
+    fault the application outlives, such as a failover).
     """
     sessions = int(ctx.params.get("sessions", 12))
     workers = int(ctx.params.get("workers", 3))
@@ -33,6 +35,7 @@ async def _worker(ctx: WorkloadContext, ids: list[str], rng: random.Random, work
     live: set[str] = set()
     steps = int(ctx.params.get("steps", 1_000_000))
     announce = bool(ctx.params.get("fault_points", False))
+    keep_going = bool(ctx.params.get("keep_going", False))
     for step in range(steps):
         session_id = rng.choice(ids)
         if session_id not in live:
@@ -41,19 +44,31 @@ async def _worker(ctx: WorkloadContext, ids: list[str], rng: random.Random, work
             operation = rng.choices(["update_activity", "update", "request", "remove"], weights=[5, 3, 2, 1])[0]
         if announce:
             await ctx.fault_point(f"before-{operation}-{worker}-{step}")
-        if operation == "ensure":
-            await ctx.ensure(session_id, data={"step": step, "worker": worker}, user_id=f"user-{worker}")
-            live.add(session_id)
-        elif operation == "update_activity":
-            await ctx.update_activity(session_id, rng.randint(0, 500))
-        elif operation == "update":
-            await ctx.update(session_id, data={"step": step, "ratio": rng.random()}, metadata={"by": worker})
-        elif operation == "request":
-            async with ctx.request(session_id):
-                await asyncio.sleep(0)
-        else:
-            await ctx.remove(session_id)
-            live.discard(session_id)
+        try:
+            await _mixed_step(ctx, operation, session_id, live=live, rng=rng, worker=worker, step=step)
+        except ExaiSessionsError:
+            if not keep_going:
+                raise
+            # Recorded already; a session whose removal failed stays ours to use.
+            await asyncio.sleep(0.005)  # not a hot loop while the database is away
+
+
+async def _mixed_step(
+    ctx: WorkloadContext, operation: str, session_id: str, *, live: set[str], rng: random.Random, worker: int, step: int
+) -> None:
+    if operation == "ensure":
+        await ctx.ensure(session_id, data={"step": step, "worker": worker}, user_id=f"user-{worker}")
+        live.add(session_id)
+    elif operation == "update_activity":
+        await ctx.update_activity(session_id, rng.randint(0, 500))
+    elif operation == "update":
+        await ctx.update(session_id, data={"step": step, "ratio": rng.random()}, metadata={"by": worker})
+    elif operation == "request":
+        async with ctx.request(session_id):
+            await asyncio.sleep(0)
+    else:
+        await ctx.remove(session_id)
+        live.discard(session_id)
 
 
 async def replica_workload(ctx: WorkloadContext) -> None:
