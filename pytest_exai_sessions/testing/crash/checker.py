@@ -9,6 +9,9 @@ Each session the history names is judged by one of two rule sets:
   ``many_writers.py`` (increments, versions, merges, compare-and-set logs, last writer,
   removal, presence, stale reads), where a ``fail`` wrote nothing too.
 
+Both also get the rule of ``real_time.py``: versions never go back, so a lost acknowledged
+write shows even when later writes replaced it in the final row.
+
 Every other row must be explained by the state before the workload began (``initial``):
 a row no operation touched is either exactly as it was, or a violation.
 """
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ...models import Session
-from . import many_writers, one_writer
+from . import many_writers, one_writer, real_time
 from .history import History, Operation, State
 
 
@@ -108,7 +111,9 @@ def check(
     for session_id, operations in by_session.items():
         found = _dump(rows.get(session_id))
         rules = many_writers if history.many_writers else one_writer
-        problems = rules.judge(operations, before.get(session_id), found)
+        problems = rules.judge(operations, before.get(session_id), found) + real_time.judge(
+            operations, reads=not history.many_writers
+        )
         violations += [Violation(session_id, problem, rule, ops) for rule, problem, ops in problems]
     for session_id in sorted((rows.keys() | before.keys()) - by_session.keys()):
         problem = _unexplained(before.get(session_id), _dump(rows.get(session_id)))

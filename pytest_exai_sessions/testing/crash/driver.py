@@ -16,7 +16,8 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import IO, Any, Protocol
 
@@ -222,7 +223,7 @@ async def drive(
     child: RunningWorkload,
     history: History,
     *,
-    at: FaultAt | None,
+    at: FaultAt | Sequence[FaultAt] | None,
     fire: Callable[[], None],
     timeout: float | None = None,
     survives: bool = False,
@@ -230,46 +231,58 @@ async def drive(
     """Read ``child``'s records into ``history``; at the point ``at``, call ``fire``.
 
     ``fire`` must end the workload, unless it ``survives`` the fault: then a workload waiting
-    at the fault point is let on after it, and read until it ends. Returns where it fired (e.g. ``"after 12 acknowledged
-    operations"``), or None when the workload ended first. A point after N seconds counts
-    from the child's ``Ready``; until then only ``timeout`` applies.
+    at the fault point is let on after it, and read until it ends; and ``at`` may be several
+    points, in order, each counted from the start. Returns where it fired (e.g. ``"after 12
+    acknowledged operations"``; ``;`` between several), or None when the workload ended
+    before every point. A point after N seconds counts from the child's ``Ready``; until then
+    only ``timeout`` applies.
     """
+    pending = deque(at if isinstance(at, Sequence) else [] if at is None else [at])
+    if len(pending) > 1 and not survives:
+        raise ValueError("several fault points need a fault the workload survives")
     deadline = None if timeout is None else time.monotonic() + timeout
     acknowledged = 0
-    ready = False
-    fired: str | None = None
-    while fired is None:
+    ready_at: float | None = None
+    fired: list[str] = []
+    while True:
+        point = pending[0] if pending else None
+        limit = ready_at + point.seconds if isinstance(point, AfterSeconds) and ready_at is not None else deadline
+        reached: str | None = None
         try:
-            record = await child.read(None if deadline is None else max(deadline - time.monotonic(), 0))
+            record = await child.read(None if limit is None else max(limit - time.monotonic(), 0))
         except TimeoutError:
-            if isinstance(at, AfterSeconds) and ready:
-                fired = str(at)
-                break
-            raise TimeoutError(f"the workload reached no fault point within {timeout}s") from None
-        if record is None:
-            await child.wait()
-            return None
-        history.add(record)
-        if isinstance(record, Ready):
-            ready = True
-            if isinstance(at, AfterSeconds):
-                deadline = time.monotonic() + at.seconds
-        elif isinstance(record, Completed) and record.outcome != "uncertain":
-            acknowledged += 1
-            if isinstance(at, AfterAcknowledged) and acknowledged >= at.count:
-                fired = f"after {acknowledged} acknowledged operations"
-        elif isinstance(record, FaultPointReached):
-            if isinstance(at, AtFaultPoint) and record.name == at.name:
-                fired = str(at)
-            else:
-                await child.go_on()
-    fire()
-    if survives and isinstance(at, AtFaultPoint):
-        await child.go_on()
+            if not (isinstance(point, AfterSeconds) and ready_at is not None):
+                raise TimeoutError(f"the workload reached no fault point within {timeout}s") from None
+            reached = str(point)
+        else:
+            if record is None:
+                await child.wait()
+                return None
+            history.add(record)
+            if isinstance(record, Ready):
+                ready_at = time.monotonic()
+            elif isinstance(record, Completed) and record.outcome != "uncertain":
+                acknowledged += 1
+                if isinstance(point, AfterAcknowledged) and acknowledged >= point.count:
+                    reached = f"after {acknowledged} acknowledged operations"
+            elif isinstance(record, FaultPointReached):
+                if isinstance(point, AtFaultPoint) and record.name == point.name:
+                    reached = str(point)
+                else:
+                    await child.go_on()
+        if reached is None:
+            continue
+        fired.append(reached)
+        pending.popleft()
+        fire()
+        if survives and isinstance(point, AtFaultPoint):
+            await child.go_on()
+        if not pending:
+            break
     while (record := await child.read()) is not None:
         history.add(record)
     await child.wait()
-    return fired
+    return "; ".join(fired)
 
 
 async def run_one(
@@ -292,9 +305,9 @@ async def run_one(
 
 
 async def run_through(
-    spec: ChildSpec, history: History, *, at: FaultAt, fire: Callable[[], None], timeout: float, what: str
+    spec: ChildSpec, history: History, *, at: Sequence[FaultAt], fire: Callable[[], None], timeout: float, what: str
 ) -> str:
-    """Run one child; at ``at`` call ``fire``, which leaves it running. The workload must go on to its end.
+    """Run one child; at each point of ``at`` call ``fire``, which leaves it running. It must go on to its end.
 
     For a fault the application outlives (a failover): what it does after is recorded too.
     ``what`` the fault killed, for the report ("the primary").

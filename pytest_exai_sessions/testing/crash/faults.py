@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -215,6 +216,37 @@ class AtFaultPoint:
 
 
 FaultAt = AfterAcknowledged | AfterSeconds | AtFaultPoint
+
+
+def fault_points(
+    *,
+    after_acks: int | Sequence[int] | None,
+    after_secs: float | Sequence[float] | None,
+    at: str | Sequence[str] | None,
+    verb: str,
+) -> list[FaultAt]:
+    """The points chosen by one of the ``<verb>_after_acks``, ``<verb>_after_secs`` and ``<verb>_at`` keywords.
+
+    Each may be one value or several, in the order they come; every count and every number
+    of seconds from the start of the run.
+    """
+    if sum(value is not None for value in (after_acks, after_secs, at)) != 1:
+        raise ValueError(f"choose exactly one of {verb}_after_acks, {verb}_after_secs and {verb}_at")
+    points: list[FaultAt]
+    if after_acks is not None:
+        points = [AfterAcknowledged(count) for count in _several(after_acks)]
+    elif after_secs is not None:
+        points = [AfterSeconds(seconds) for seconds in _several(after_secs)]
+    else:
+        assert at is not None
+        points = [AtFaultPoint(name) for name in ([at] if isinstance(at, str) else list(at))]
+    if not points:
+        raise ValueError(f"{verb}: no point given")
+    return points
+
+
+def _several(given: Any) -> list[Any]:
+    return list(given) if isinstance(given, Sequence) else [given]
 
 
 def fault_at(*, after_acks: int | None, after_secs: float | None, at: str | None, verb: str = "kill") -> FaultAt:

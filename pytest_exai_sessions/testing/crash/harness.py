@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+import itertools
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Literal, NoReturn, TypeVar
 
 import psycopg
@@ -44,6 +45,7 @@ from .faults import (
     KillProcess,
     PowerLossUnrecoverable,
     fault_at,
+    fault_points,
 )
 from .history import History
 from .importable import object_path, resolve
@@ -462,9 +464,9 @@ class CrashHarness:
         self,
         workload: Any,
         *,
-        fail_over_after_acks: int | None = None,
-        fail_over_after_secs: float | None = None,
-        fail_over_at: str | None = None,
+        fail_over_after_acks: int | Sequence[int] | None = None,
+        fail_over_after_secs: float | Sequence[float] | None = None,
+        fail_over_at: str | Sequence[str] | None = None,
         params: dict[str, Any] | None = None,
         manager_class: Any = SessionManager,
         timeout: float = 120.0,
@@ -473,24 +475,30 @@ class CrashHarness:
         """Run ``workload`` in a child process; at the chosen point fail over, and let it run on to its end.
 
         The application outlives a database failover: its manager follows the new primary.
-        Checked against the new primary: every acknowledged write present as acknowledged, every
-        write the store refused (a ``PersistenceError`` that is not ``CommitUncertain``) absent,
-        every uncertain one (a lost connection, a commit whose wait for the standby ended
-        unconfirmed) wholly present or wholly absent.
+        Several points (``fail_over_after_acks=[10, 45, 80]``, each counted from the start)
+        fail over at each, the dead primary rejoining as a standby in between. Checked against
+        the last primary: every acknowledged write present as acknowledged, and no later one
+        went on from an older row; every write the store refused (a ``PersistenceError`` that
+        is not ``CommitUncertain``) absent; every uncertain one (a lost connection, a commit
+        whose wait for the standby ended unconfirmed) wholly present or wholly absent.
         """
-        at = fault_at(
+        points = fault_points(
             after_acks=fail_over_after_acks, after_secs=fail_over_after_secs, at=fail_over_at, verb="fail_over"
         )
-        fault = FailOver(self._cluster(), self.database)
+        cluster = self._cluster()
+        fault = FailOver(cluster, self.database)
         spec = self._spec(workload, manager_class, options, params or {})
         initial = await self._rows()
         history = History()
+        done = itertools.count(1)
 
         def fire() -> None:
             fault.inject()
             fault.recover()
+            if next(done) < len(points):
+                cluster.rejoin()  # a standby again, for the next failover
 
-        await run_through(spec, history, at=at, fire=fire, timeout=timeout, what="the primary, and failed over,")
+        await run_through(spec, history, at=points, fire=fire, timeout=timeout, what="the primary, and failed over,")
         return await self._check(history, initial, manager_class, options)
 
     # the pooler

@@ -88,7 +88,8 @@ async def replica_workload(ctx: WorkloadContext) -> None:
     ``counters``/``merges``/``cas`` (how many sessions of each, default 2), ``gone`` (removal
     sessions per worker, default 3), ``replica_numbers`` (how many replicas the run numbers,
     for reading the others' removal sessions), ``seed``, ``prefix`` (put before every id: the
-    sessions must not exist when the run starts, so a second run on one database needs another).
+    sessions must not exist when the run starts, so a second run on one database needs another)
+    and ``keep_going`` (as for ``mixed_workload``).
     """
     workers = int(ctx.params.get("workers", 2))
     seed = int(ctx.params.get("seed", 0))
@@ -111,6 +112,7 @@ async def _replica_worker(ctx: WorkloadContext, worker: int, rng: random.Random,
     gone_per_worker = int(params.get("gone", 3))
     replica_numbers = max(int(params.get("replica_numbers", 1)), ctx.replica + 1)
     workers = int(params.get("workers", 2))
+    keep_going = bool(params.get("keep_going", False))
     ensured: set[str] = set()
     own_gone: str | None = None  # this worker's removal session while it is live
     gone_made = 0
@@ -121,7 +123,8 @@ async def _replica_worker(ctx: WorkloadContext, worker: int, rng: random.Random,
             await ctx.ensure(session_id, **attrs)
             ensured.add(session_id)
 
-    for _step in range(steps):
+    async def one_step() -> None:
+        nonlocal own_gone, gone_made
         role = rng.choices(["counter", "merge", "cas", "gone"], weights=[4, 3, 3, 3])[0]
         write = f"r{ctx.replica}-{next(writes)}"
         if role == "counter":
@@ -172,3 +175,11 @@ async def _replica_worker(ctx: WorkloadContext, worker: int, rng: random.Random,
                     async with ctx.request(session_id):
                         seen_gone.add(session_id)
                         await asyncio.sleep(0)
+
+    for _step in range(steps):
+        try:
+            await one_step()
+        except ExaiSessionsError:
+            if not keep_going:
+                raise
+            await asyncio.sleep(0.005)  # recorded already; not a hot loop while the database is away
