@@ -10,6 +10,7 @@ from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock, ManualClock, SystemClock
 from .errors import (
+    CommitUncertain,
     ExaiSessionsError,
     MigrationError,
     PersistenceError,
@@ -62,6 +63,7 @@ __all__ = [
     "SYSTEM_CLOCK",
     "ActingAs",
     "Clock",
+    "CommitUncertain",
     "DbClock",
     "ErrorSummary",
     "Event",

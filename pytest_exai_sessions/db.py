@@ -2,9 +2,23 @@
 
 One pool per database, and what every call needs from it: a bounded wait for a
 connection and for each answer, connections the server closed replaced before use, a
-fresh pool once the server is back after an outage, and every driver or pool failure
-turned into ``PersistenceError`` naming what was attempted. It knows no table: the SQL
-lives in the stores.
+fresh pool once the server is back after an outage (or, behind a DSN that names several
+hosts, once another one is the primary), and every driver or pool failure turned into
+``PersistenceError`` naming what was attempted. It knows no table: the SQL lives in the stores.
+
+What a failure says of a write:
+
+- refused before anything was sent (no connection, the pool timed out, the server is down),
+  or rejected by the server with an error (a constraint, a read-only server, a cancelled
+  statement, a serialization failure): the statement or its transaction was rolled back, so
+  ``PersistenceError``, and nothing was written;
+- the answer lost after it was sent (the connection broke, the backend was terminated or the
+  server crashed, the deadline cut the connection off): ``CommitUncertain``, as it is when
+  the statement succeeded but its COMMIT's wait for a synchronous standby was cancelled (the
+  server then warns, and answers with success): committed here, maybe on no standby.
+
+A read has no effect to be unsure of: its failures are all ``PersistenceError``
+(``writes=False``).
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .deadline import CANCEL_TIMEOUT, Deadline
-from .errors import PersistenceError
+from .errors import CommitUncertain, PersistenceError
 
 # The one environment variable that names the database, for the CLI, compat and the plugin.
 DSN_ENV = "EXAI_SESSIONS_DSN"
@@ -40,6 +54,26 @@ _PREPARED_STATEMENT_ERRORS = frozenset({"26000", "42P05"})
 # another number of parameters: 'bind message supplies 4 parameters, but prepared statement
 # "_pg3_0" requires 3'. Other protocol violations are not about prepared statements.
 _PROTOCOL_VIOLATION = "08P01"
+# AdminShutdown, CrashShutdown, CannotConnectNow: the backend was ended (or the server is
+# stopping) while the statement ran, maybe during its COMMIT: its outcome is unknown.
+_BACKEND_ENDED = frozenset({"57P01", "57P02", "57P03"})
+# Classes whose errors leave the outcome unknown: a connection exception, an internal error.
+_UNKNOWN_OUTCOME_CLASSES = ("08", "XX")
+# ReadOnlySqlTransaction: the server is a standby now (or a demoted primary); as when the
+# backend was ended, the next call looks for the primary again.
+_NOT_THE_PRIMARY = frozenset({"25006"}) | _BACKEND_ENDED
+
+# The WARNING a backend sends when the wait of a COMMIT for a synchronous standby is
+# cancelled (pg_cancel_backend, or the cancel request of our deadline) or ended: the
+# transaction has committed here, and the statement answers success. Told by the server
+# function that raises it, which is never translated (its SQLSTATE is the generic 01000);
+# the English text only for a server that does not send the function's name.
+_STANDBY_WAIT_FUNCTION = "SyncRepWaitForLSN"
+_STANDBY_WAIT_TEXT = "canceling wait for synchronous replication"
+_UNREPLICATED = (
+    "it committed on this server, but its wait for the synchronous standby was cancelled, "
+    "so a failover to a standby may lose it"
+)
 
 
 class PoolOptions(TypedDict, total=False):
@@ -85,6 +119,19 @@ class _PooledConnection(psycopg.AsyncConnection[Any]):
     """
 
     _row_cursor: psycopg.AsyncCursor[TupleRow] | None = None
+    # Whether the statement in progress (or the COMMIT of its transaction) committed here
+    # without waiting for the synchronous standby to the end; reset before each use.
+    unreplicated = False
+
+    def note_notice(self, diagnostic: psycopg.errors.Diagnostic) -> None:
+        """The notice handler of every pooled connection: notes a cancelled wait for the standby."""
+        if diagnostic.severity_nonlocalized != "WARNING":
+            return
+        function = diagnostic.source_function
+        if function == _STANDBY_WAIT_FUNCTION or (
+            function is None and (diagnostic.message_primary or "").startswith(_STANDBY_WAIT_TEXT)
+        ):
+            self.unreplicated = True
 
     def row_cursor(self) -> psycopg.AsyncCursor[TupleRow]:
         if self._row_cursor is None:
@@ -129,11 +176,31 @@ def database_errors(action: str, failures: _ConnectFailures | None = None) -> It
         raise _persistence_error(action, error, failures) from error
 
 
-def _persistence_error(action: str, error: psycopg.Error, failures: _ConnectFailures | None) -> PersistenceError:
+def _persistence_error(
+    action: str, error: psycopg.Error, failures: _ConnectFailures | None, *, sent: bool = False
+) -> PersistenceError:
+    """``error`` as the caller should see it; ``sent``: the write may have reached the server.
+
+    Sent, a lost answer is ``CommitUncertain``; an error the server answered with means that
+    the statement (or its transaction) was rolled back, and so does anything before sending.
+    """
     reason = f"{type(error).__name__}: {error}".rstrip()
+    if sent and _outcome_unknown(error):
+        return CommitUncertain(action, reason)
     if isinstance(error, PoolTimeout) and failures is not None and failures.last is not None:
         reason += f"; last connection attempt: {type(failures.last).__name__}: {failures.last}".rstrip()
     return PersistenceError(f"{action} failed: {reason}")
+
+
+def _outcome_unknown(error: psycopg.Error) -> bool:
+    """Whether ``error``, raised after a write was sent, leaves unknown whether it committed."""
+    if _prepared_statement_failed(error):
+        return False  # its Parse or Bind was refused: nothing ran
+    sqlstate = error.sqlstate
+    if sqlstate is None:
+        # No answer from the server: the connection broke (or was cut off) under the statement.
+        return isinstance(error, psycopg.OperationalError)
+    return sqlstate in _BACKEND_ENDED or sqlstate.startswith(_UNKNOWN_OUTCOME_CLASSES)
 
 
 async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -200,14 +267,15 @@ class Database:
             open=False,
         )
 
-    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Set up a new connection of the pool: whether psycopg may prepare its statements.
+    async def _configure(self, conn: _PooledConnection) -> None:
+        """Set up a new connection of the pool: its notice handler, whether psycopg may prepare its statements.
 
         Behind a pooler in transaction mode each transaction may run on another server
         connection, which does not know the statements psycopg prepared on the one before (or
         already has one of that name). A pooler hands the client a backend pid of its own
         making, so one round trip per connection, never per call, tells whether one is there.
         """
+        conn.add_notice_handler(conn.note_notice)
         if self.prepared_statements is True:
             return
         if not self._never_prepare:
@@ -283,43 +351,59 @@ class Database:
         """Drop the pool without waiting for anything, as a dying process would."""
         await self._pool.close(timeout=0)
 
-    async def fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    async def fetch_one(
+        self, action: str, query: Query, params: Mapping[str, Any], *, writes: bool = True
+    ) -> tuple[Any, ...] | None:
         """Run one statement and return its first row: every single-row call of a store comes here.
 
-        What ``connection`` guarantees (reconnection, a deadline, PersistenceError), spelled
-        out without its layers of context managers, which cost a sizeable part of a call.
+        What ``connection`` guarantees (reconnection, a deadline, PersistenceError or
+        CommitUncertain), spelled out without its layers of context managers, which cost a
+        sizeable part of a call. ``writes=False``: a read, never uncertain.
         """
         if self._server_lost:
             await self._reconnect(action)
         # This call's pool: another call may replace self._pool meanwhile (see _reconnect).
         pool = self._pool
         deadline = Deadline(self.answer_within, self._cancelling)
+        sent = False
         try:
             async with deadline.backstop():
                 conn = await pool.getconn()
+                conn.unreplicated = False
                 deadline.watch(conn)
                 try:
                     cursor = conn.row_cursor()
+                    sent = writes
                     await cursor.execute(query, params)
+                    # Read now: once the connection is back in the pool, another call resets it.
+                    unreplicated = conn.unreplicated
                     row = await cursor.fetchone()
                 finally:
                     await deadline.release(conn)
                     await pool.putconn(conn)
         except TimeoutError as error:
-            raise self._no_answer(action) from error
+            raise self._no_answer(action, error, sent=sent) from error
         except psycopg.Error as error:
             if deadline.passed:
-                raise self._no_answer(action) from error
+                raise self._no_answer(action, error, sent=sent) from error
             if self._stop_preparing_after(error):
                 # One autocommit statement whose Parse or Bind was refused: it did not run.
-                rows = await self._fetch_all(action, query, params, tuple_row)
+                rows = await self._fetch_all(action, query, params, tuple_row, writes=writes)
                 return rows[0] if rows else None
             self._note_failure(error, pool)
-            raise _persistence_error(action, error, self._connect_failures) from error
+            raise _persistence_error(action, error, self._connect_failures, sent=sent) from error
+        if unreplicated:
+            raise CommitUncertain(action, _UNREPLICATED)
         return row
 
     async def fetch_all(
-        self, action: str, query: Query, params: Mapping[str, Any], *, row_factory: RowFactory[Any] = tuple_row
+        self,
+        action: str,
+        query: Query,
+        params: Mapping[str, Any],
+        *,
+        row_factory: RowFactory[Any] = tuple_row,
+        writes: bool = True,
     ) -> list[Any]:
         """Run one autocommit statement and return its rows, as ``connection`` guarantees.
 
@@ -327,28 +411,36 @@ class Database:
         failed (and preparing is then off): a refused Parse or Bind ran nothing.
         """
         try:
-            return await self._fetch_all(action, query, params, row_factory)
+            return await self._fetch_all(action, query, params, row_factory, writes=writes)
         except PersistenceError as error:
             if not (isinstance(error.__cause__, psycopg.Error) and self._stop_preparing_after(error.__cause__)):
                 raise
-        return await self._fetch_all(action, query, params, row_factory)
+        return await self._fetch_all(action, query, params, row_factory, writes=writes)
 
     async def _fetch_all(
-        self, action: str, query: Query, params: Mapping[str, Any], row_factory: RowFactory[Any]
+        self, action: str, query: Query, params: Mapping[str, Any], row_factory: RowFactory[Any], *, writes: bool
     ) -> list[Any]:
-        async with self.connection(action) as conn:
+        async with self.connection(action, writes=writes) as conn:
             cursor = tuple_cursor(conn.cursor(row_factory=row_factory))
             await cursor.execute(query, params)
             return await cursor.fetchall()
 
     @asynccontextmanager
-    async def connection(self, action: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever."""
-        async with self._connection(action) as (conn, _):
+    async def connection(self, action: str, *, writes: bool = True) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; any failure becomes PersistenceError, and no call waits for ever.
+
+        A failure once the block has begun, whose outcome is unknown, is ``CommitUncertain``
+        (unless ``writes=False``: a block that only reads); so is a block whose statement, or
+        whose transaction's COMMIT, committed here but was not waited for by the synchronous
+        standby.
+        """
+        async with self._connection(action, writes=writes) as (conn, _):
             yield conn
 
     @asynccontextmanager
-    async def _connection(self, action: str) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], Deadline]]:
+    async def _connection(
+        self, action: str, *, writes: bool
+    ) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], Deadline]]:
         """``connection``, and its deadline (``stream`` stops it while its consumer has the rows).
 
         The statement of the connection is cancelled when the deadline is up, and the connection
@@ -358,29 +450,30 @@ class Database:
             await self._reconnect(action)
         pool = self._pool
         deadline = Deadline(self.answer_within, self._cancelling)
+        sent = False  # from the start of the caller's block on, a write may have reached the server
         try:
-            with database_errors(action, self._connect_failures):
+            async with deadline.backstop(), pool.connection() as conn:
+                conn.unreplicated = False
+                deadline.watch(conn)
+                sent = writes
                 try:
-                    async with deadline.backstop(), pool.connection() as conn:
-                        deadline.watch(conn)
-                        try:
-                            yield conn, deadline
-                        finally:
-                            await deadline.release(conn)
-                except TimeoutError as error:
-                    raise self._no_answer(action) from error
-                except psycopg.Error as error:
-                    if deadline.passed:
-                        raise self._no_answer(action) from error
-                    raise
-        except PersistenceError as error:
+                    yield conn, deadline
+                    unreplicated = conn.unreplicated
+                finally:
+                    await deadline.release(conn)
+        except TimeoutError as error:
+            raise self._no_answer(action, error, sent=sent) from error
+        except psycopg.Error as error:
+            if deadline.passed:
+                # Cancelled or cut off at the deadline: that says nothing of the server.
+                raise self._no_answer(action, error, sent=sent) from error
             # Inside the caller's block a failed prepared statement cannot be run again here:
-            # the caller gets the error, and the calls after it do not prepare. A statement
-            # cancelled or cut off at the deadline says nothing of the server.
-            cause = error.__cause__
-            if isinstance(cause, psycopg.Error) and not deadline.passed and not self._stop_preparing_after(cause):
-                self._note_failure(cause, pool)
-            raise
+            # the caller gets the error, and the calls after it do not prepare.
+            if not self._stop_preparing_after(error):
+                self._note_failure(error, pool)
+            raise _persistence_error(action, error, self._connect_failures, sent=sent) from error
+        if unreplicated:
+            raise CommitUncertain(action, _UNREPLICATED)
 
     async def stream(
         self, action: str, query: sql.Composed, params: Mapping[str, Any], *, batch_size: int
@@ -389,7 +482,7 @@ class Database:
         # The deadline applies to each round trip, not to the whole stream: reading 100k rows
         # may take longer than one call may wait, and the consumer's time is its own.
         async with (
-            self._connection(action) as (conn, deadline),
+            self._connection(action, writes=False) as (conn, deadline),
             conn.transaction(),
             tuple_cursor(conn.cursor(name="exai_stream", row_factory=tuple_row)) as cur,
         ):
@@ -403,12 +496,18 @@ class Database:
                     deadline.resume()  # also for what ends the stream: closing the cursor, COMMIT
 
     def _note_failure(self, error: psycopg.Error, pool: AsyncConnectionPool[_PooledConnection]) -> None:
-        """After a connection failure, the next call first checks whether the server is back.
+        """After a connection failure, or an answer that this server is no longer the primary
+        (read-only, its backend ended), the next call first finds the server again.
 
-        Not for a failure of a pool already replaced (its calls get PoolClosed): the new one
-        would be replaced in turn, and with calls in flight that never ended.
+        ``_reconnect`` connects through the DSN anew: behind one that names several hosts
+        with ``target_session_attrs=read-write``, libpq then picks the one that is the
+        primary now, and a new pool replaces every connection to the old one. Not for a
+        failure of a pool already replaced (its calls get PoolClosed): the new one would be
+        replaced in turn, and with calls in flight that never ended.
         """
-        if isinstance(error, psycopg.OperationalError) and pool is self._pool:
+        if pool is not self._pool:
+            return
+        if isinstance(error, psycopg.OperationalError) or error.sqlstate in _NOT_THE_PRIMARY:
             self._server_lost = True
 
     async def _reconnect(self, action: str) -> None:
@@ -438,8 +537,13 @@ class Database:
         self._pool, self._server_lost = fresh, False
         await lost.close(timeout=0)
 
-    def _no_answer(self, action: str) -> PersistenceError:
-        return PersistenceError(f"{action} failed: the database did not answer within {self.answer_within:g}s")
+    def _no_answer(self, action: str, error: BaseException, *, sent: bool) -> PersistenceError:
+        """The deadline passed. Cancelled by the server, the statement was rolled back; cut off
+        (or the call cancelled) after a write was sent, nobody knows."""
+        reason = f"the database did not answer within {self.answer_within:g}s"
+        if sent and not isinstance(error, psycopg.errors.QueryCanceled):
+            return CommitUncertain(action, f"{reason}, and the connection was cut off")
+        return PersistenceError(f"{action} failed: {reason}")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {describe(self.conninfo)} as {self.application_name!r}>"

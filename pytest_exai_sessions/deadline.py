@@ -4,10 +4,22 @@ Cancelled, psycopg asks the server to cancel the running statement and then wait
 to end: up to 10 s (psycopg 3.3), or for ever (3.2), when the backend is frozen, the
 network is cut, or a pooler waits for a database that is down. So a call is not cancelled
 at its deadline. The cancel request goes out then, without waiting for it, and a server
-that answers ends the statement at once: the call fails with QueryCanceled, and the
-statement has not taken effect. A connection still busy a second later is cut off: its
-socket is shut down, which ends the call with a connection error (the statement may then
-still run on the server, as with any client that stops waiting). The pool discards it.
+that answers ends the statement at once. What the caller then gets (db.py decides):
+
+- the statement was still running: it fails with QueryCanceled and is rolled back, so a
+  plain ``PersistenceError``: it did not take effect;
+- it had already committed here and its COMMIT was waiting for a synchronous standby
+  (``synchronous_standby_names``): a cancel does not undo a commit. The server stops
+  waiting, sends a WARNING ("canceling wait for synchronous replication", the transaction
+  "has already committed locally, but might not have been replicated to the standby") and
+  answers with success. The write is on this server and maybe on no standby, so a failover
+  may lose it: ``CommitUncertain``, never a success. (statement_timeout does not end that
+  wait; only a cancel, a terminated backend or the standby's answer do.)
+
+A connection still busy a second later is cut off: its socket is shut down, which ends the
+call with a connection error. Whether a write then took effect is unknown (it may still
+run, or have committed, on the server, as with any client that stops waiting):
+``CommitUncertain``. The pool discards the connection.
 """
 
 from __future__ import annotations

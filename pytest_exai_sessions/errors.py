@@ -46,7 +46,31 @@ class SessionConflict(ExaiSessionsError):
 
 
 class PersistenceError(ExaiSessionsError):
-    """The database refused or could not be reached; the operation did not take effect."""
+    """The database refused or could not be reached; the operation did not take effect.
+
+    Unless it is a ``CommitUncertain``: then nobody can tell whether it did. Every other
+    PersistenceError is a promise that nothing was written, so retrying is always safe.
+    """
+
+
+class CommitUncertain(PersistenceError):
+    """The write may or may not have taken effect: the answer that would tell was lost.
+
+    The connection broke after the statement was sent (the server crashed or ended the
+    session, the network or our own deadline cut it off), or the write committed on this
+    server but its wait for a synchronous standby was cancelled, so a failover may lose
+    it. Read the session again before acting on it; retry only an idempotent write (an
+    ``update`` of whole fields, ``update_activity`` with a ``request_id``).
+    ``action``: what was attempted; ``reason``: why its outcome is unknown.
+    """
+
+    def __init__(self, action: str, reason: str) -> None:
+        super().__init__(
+            f"{action} failed: its outcome is unknown, it may or may not have taken effect ({reason}); "
+            "read it again before relying on it, and retry only an idempotent operation"
+        )
+        self.action = action
+        self.reason = reason
 
 
 class SchemaMissing(PersistenceError):

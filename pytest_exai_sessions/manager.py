@@ -16,7 +16,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .errors import PersistenceError, SessionLimitExceeded, SessionNotFound
 from .events import LIFECYCLE_CATEGORY, LIFECYCLE_SOURCE, EventStore, SessionEvents, SessionLifecycle
 from .memory import MemoryStore
-from .models import Event, Session, check_duration_ms, check_session_id, stale_before
+from .models import MAX_ID_LENGTH, Event, Session, check_duration_ms, check_session_id, stale_before
 from .store import SessionStore
 from .store_interface import ManagedStorage
 
@@ -276,30 +276,52 @@ class SessionManager:
         """The ids of every live session in the store (every replica's), sorted."""
         return await self.store.live_ids(**self._window())
 
-    async def update_activity(self, session_id: str, request_duration_ms: int | None = None) -> Session:
-        """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now."""
+    async def update_activity(
+        self, session_id: str, request_duration_ms: int | None = None, *, request_id: str | None = None
+    ) -> Session:
+        """Count one request: ``request_count`` + 1, the duration added, ``last_activity`` = now.
+
+        ``request_id``: the request's own id, which makes the call safe to retry. A request
+        whose id is among the session's last 32 counted is not counted again (the session is
+        still refreshed, and returned as stored): after ``CommitUncertain``, send the same
+        call again, and the request is counted exactly once.
+        """
         check_session_id(session_id)  # a ValueError, not a PersistenceError from the database
         duration = 0 if request_duration_ms is None else check_duration_ms(request_duration_ms)
-        stored = await self.store.record_request(session_id, duration_ms=duration, **self._window())
+        if request_id is not None:
+            _check_request_id(request_id)
+        stored = await self.store.record_request(
+            session_id, duration_ms=duration, request_id=request_id, **self._window()
+        )
         return _require_stored(session_id, stored)
 
-    async def update_activity_many(self, requests: Iterable[tuple[str, int | None]]) -> dict[str, Session]:
+    async def update_activity_many(
+        self, requests: Iterable[tuple[str, int | None] | tuple[str, int | None, str | None]]
+    ) -> dict[str, Session]:
         """Count many requests at once: ``[(session_id, duration_ms or None), ...]``.
 
         For high-rate callers: one statement for the whole batch (an id may appear more than
-        once). All or nothing: if any session is unknown or not live, nothing is counted and
-        ``SessionNotFound`` names the first such id. Returns the sessions by id, as stored.
+        once). A request may carry its ``request_id`` as a third item: it is counted as
+        ``update_activity(..., request_id=...)`` counts it, once. All or nothing: if any
+        session is unknown or not live, nothing is counted and ``SessionNotFound`` names the
+        first such id. Returns the sessions by id, as stored.
         """
         totals: dict[str, tuple[int, int]] = {}
-        for session_id, duration_ms in requests:
+        identified: dict[str, list[tuple[str, int]]] = {}
+        for session_id, duration_ms, *rest in requests:
             duration = 0 if duration_ms is None else check_duration_ms(duration_ms)
             count, total = totals.get(session_id, (0, 0))
-            totals[session_id] = (count + 1, total + duration)
+            request_id = rest[0] if rest else None
+            if request_id is None:
+                totals[session_id] = (count + 1, total + duration)
+            else:
+                totals[session_id] = (count, total)
+                identified.setdefault(session_id, []).append((_check_request_id(request_id), duration))
         for session_id in totals:
             check_session_id(session_id)  # once per session, not per request: batches repeat ids
         if not totals:
             return {}
-        stored = await self.store.record_requests(totals, **self._window())
+        stored = await self.store.record_requests(totals, identified=identified or None, **self._window())
         found = {session.session_id: session for session in stored}
         missing = [sid for sid in totals if sid not in found]
         if missing:
@@ -456,6 +478,14 @@ def _require_stored(session_id: str, stored: Session | None) -> Session:
     if stored is None:
         raise SessionNotFound(session_id)
     return stored
+
+
+def _check_request_id(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or "\x00" in value:
+        raise ValueError(
+            f"request_id must be a non-empty str of at most {MAX_ID_LENGTH} characters without NUL, got {value!r}"
+        )
+    return value
 
 
 def _require_version(value: object) -> None:

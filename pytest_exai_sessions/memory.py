@@ -12,7 +12,7 @@ share nothing with the objects that were written. Nothing survives the process:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Self
 
@@ -22,6 +22,10 @@ from .store_interface import ManagedStorage
 
 if TYPE_CHECKING:
     from .events import EventStore, SessionEvents
+
+
+# How many request ids a session remembers, as sql/011_request_ids.sql keeps them.
+RECENT_REQUEST_IDS = 32
 
 
 def _copy(session: Session, **changes: Any) -> Session:
@@ -40,6 +44,8 @@ class MemoryStore(ManagedStorage):
 
     def __init__(self) -> None:
         self._rows: dict[str, Session] = {}
+        # Each session's recent_request_ids column: a retried request id is not counted again.
+        self._recent_request_ids: dict[str, list[str]] = {}
 
     def event_store(self) -> EventStore | None:
         """None: there is no database to record lifecycle events in."""
@@ -101,36 +107,68 @@ class MemoryStore(ManagedStorage):
         return None if row is None else _copy(row)
 
     async def record_request(
-        self, session_id: str, *, duration_ms: int, now: datetime, stale_before: datetime
+        self,
+        session_id: str,
+        *,
+        duration_ms: int,
+        now: datetime,
+        stale_before: datetime,
+        request_id: str | None = None,
     ) -> Session | None:
-        """Count one request; None when no live session has the id."""
+        """Count one request (with ``request_id``: unless counted already); None when no live session has the id."""
+        if self._live(session_id, stale_before=stale_before, now=now) is None:
+            return None
+        count, duration = (1, duration_ms)
+        if request_id is not None:
+            count, duration = self._count_new(session_id, [(request_id, duration_ms)])
         return await self._change(
             session_id,
             stale_before=stale_before,
             now=now,
             changes_of=lambda row: {
-                "request_count": row.request_count + 1,
-                "total_duration_ms": row.total_duration_ms + duration_ms,
+                "request_count": row.request_count + count,
+                "total_duration_ms": row.total_duration_ms + duration,
             },
         )
 
     async def record_requests(
-        self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
+        self,
+        requests: Mapping[str, tuple[int, int]],
+        *,
+        now: datetime,
+        stale_before: datetime,
+        identified: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     ) -> list[Session]:
         """Count many requests: all or nothing, as one statement in a transaction."""
+        identified = identified or {}
+        unknown = sorted(set(identified) - set(requests))
+        if unknown:
+            raise ValueError(f"identified requests of sessions not in requests: {unknown}")
         live = {sid: row for sid in requests if (row := self._live(sid, stale_before=stale_before, now=now))}
         if len(live) != len(requests):
             return [_copy(row) for row in live.values()]  # nothing counted: the caller names the missing
         for session_id, (count, duration_ms) in requests.items():
             row = live[session_id]
+            new_count, new_duration = self._count_new(session_id, identified.get(session_id, ()))
             self._rows[session_id] = _copy(
                 row,
-                request_count=row.request_count + count,
-                total_duration_ms=row.total_duration_ms + duration_ms,
+                request_count=row.request_count + count + new_count,
+                total_duration_ms=row.total_duration_ms + duration_ms + new_duration,
                 last_activity=now,
                 version=row.version + 1,
             )
         return [_copy(self._rows[session_id]) for session_id in requests]
+
+    def _count_new(self, session_id: str, requests: Iterable[tuple[str, int]]) -> tuple[int, int]:
+        """unified.count_new_requests: of ``requests``, how many (and how long) are new; remember their ids."""
+        recent = self._recent_request_ids.setdefault(session_id, [])
+        count = duration = 0
+        for request_id, duration_ms in requests:
+            if request_id not in recent:
+                recent.append(request_id)
+                count, duration = count + 1, duration + duration_ms
+        del recent[:-RECENT_REQUEST_IDS]
+        return count, duration
 
     async def update(
         self,
@@ -190,6 +228,7 @@ class MemoryStore(ManagedStorage):
 
     async def delete(self, session_id: str, *, events: SessionEvents | None = None) -> bool:
         _no_events(events)
+        self._recent_request_ids.pop(session_id, None)
         return self._rows.pop(session_id, None) is not None
 
     async def expire_stale(
@@ -224,6 +263,7 @@ class MemoryStore(ManagedStorage):
     async def delete_all(self) -> int:
         count = len(self._rows)
         self._rows.clear()
+        self._recent_request_ids.clear()
         return count
 
     async def iter_all(self, *, batch_size: int = 2000) -> AsyncIterator[Session]:

@@ -3,7 +3,9 @@
 Each write is one statement (autocommit; ``merge_data`` and ``record_requests`` run theirs
 in a transaction that can still refuse the result), so a returned ``await`` means
 committed, and counters and merges are computed in SQL so that concurrent writers never
-lose an update.
+lose an update. A write that raised ``PersistenceError`` did not take effect, unless the
+error is ``CommitUncertain`` (see db.py): then a request counted with a ``request_id`` can
+be sent again, and is counted once.
 Every method returns the row as PostgreSQL stored it: what a manager hands out is, by
 construction, what any other replica or a reload after a crash reads.
 It implements ``store_interface.ManagedStorage``, as ``MemoryStore`` does; the statements
@@ -132,6 +134,7 @@ def _create_query_composed(*, limited: bool) -> sql.Composed:
     columns, values = insert_lists()
     # created_at restarts too: a restarted id is a new session. Its version goes on from the
     # old row's, so a compare-and-set that read the old session cannot hit the new one.
+    # recent_request_ids is left as it was: only a request with an id needs sql/011.
     updates = sql.SQL(", ").join(
         sql.SQL("{c} = sessions.{c} + 1").format(c=sql.Identifier(column))
         if field == "version"
@@ -194,6 +197,28 @@ def _record_request_query(*, live_only: bool = True) -> bytes:
     )
 
 
+# A request with an id counts only when the id is not among the session's recent ones
+# (sql/011_request_ids.sql); one statement, so two replicas sending one id at once count it
+# once: the second waits for the first's row lock, and recomputes this from the row it wrote.
+_COUNT_NEW = sql.SQL(
+    "(request_count, total_duration_ms, recent_request_ids) ="
+    " (SELECT sessions.request_count + {requests} + new.requests,"
+    " sessions.total_duration_ms + {duration} + new.duration_ms, new.recent"
+    " FROM unified.count_new_requests(sessions.recent_request_ids, {identified}) AS new)"
+)
+
+
+@functools.cache
+def _record_identified_request_query() -> bytes:
+    counted = _COUNT_NEW.format(requests=sql.SQL("0"), duration=sql.SQL("0"), identified=sql.Placeholder("identified"))
+    return _compiled(
+        sql.SQL(
+            "UPDATE {table} AS sessions SET {counted}, last_activity_at = %(now)s, version = version + 1"
+            " WHERE session_id = %(id)s AND {live} RETURNING {returning}"
+        ).format(table=TABLE, counted=counted, live=_LIVE_FOUND, returning=RETURNING)
+    )
+
+
 def count_request_query() -> bytes:
     """``record_request``'s UPDATE without the liveness check: the original service counts on a row in any state."""
     return _record_request_query(live_only=False)
@@ -213,6 +238,24 @@ def _record_requests_query() -> bytes:
             " WHERE sessions.session_id = ANY(%(ids)s::text[]) AND sessions.session_id = batch.batch_session_id"
             " AND {live} RETURNING {returning}"
         ).format(table=TABLE, live=_LIVE_FOUND, returning=RETURNING)
+    )
+
+
+@functools.cache
+def _record_identified_requests_query() -> bytes:
+    counted = _COUNT_NEW.format(
+        requests=sql.SQL("batch.requests"),
+        duration=sql.SQL("batch.duration_ms"),
+        identified=sql.SQL("batch.identified"),
+    )
+    return _compiled(
+        sql.SQL(
+            "UPDATE {table} AS sessions SET {counted}, last_activity_at = %(now)s, version = version + 1"
+            " FROM unnest(%(ids)s::text[], %(counts)s::bigint[], %(durations)s::bigint[], %(identified)s::jsonb[])"
+            " AS batch(batch_session_id, requests, duration_ms, identified)"
+            " WHERE sessions.session_id = ANY(%(ids)s::text[]) AND sessions.session_id = batch.batch_session_id"
+            " AND {live} RETURNING {returning}"
+        ).format(table=TABLE, counted=counted, live=_LIVE_FOUND, returning=RETURNING)
     )
 
 
@@ -363,8 +406,10 @@ class SessionStore(ManagedStorage):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _fetch_one(self, action: str, query: Query, params: Mapping[str, Any]) -> Session | None:
-        row = await self.database.fetch_one(action, query, params)
+    async def _fetch_one(
+        self, action: str, query: Query, params: Mapping[str, Any], *, writes: bool = True
+    ) -> Session | None:
+        row = await self.database.fetch_one(action, query, params, writes=writes)
         return None if row is None else to_session(row)
 
     async def create(
@@ -395,7 +440,7 @@ class SessionStore(ManagedStorage):
         """Raise PersistenceError unless ``public.sessions`` has every column the store reads (reads no row)."""
         query = sql.SQL("SELECT {returning} FROM {table} AS sessions LIMIT 0").format(returning=RETURNING, table=TABLE)
         try:
-            await self.database.fetch_all("checking public.sessions", query, {})
+            await self.database.fetch_all("checking public.sessions", query, {}, writes=False)
         except PersistenceError as error:
             cause = error.__cause__
             if isinstance(cause, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
@@ -404,36 +449,71 @@ class SessionStore(ManagedStorage):
 
     async def fetch(self, session_id: str) -> Session | None:
         """The row of ``session_id`` in any state, live or not (None: there is none)."""
-        return await self._fetch_one(f"reading session {session_id!r}", _fetch_query(), {"id": session_id})
+        return await self._fetch_one(
+            f"reading session {session_id!r}", _fetch_query(), {"id": session_id}, writes=False
+        )
 
     async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
         params = {"id": session_id, "stale_before": stale_before, "now": now}
-        return await self._fetch_one(f"loading session {session_id!r}", _fetch_live_query(), params)
+        return await self._fetch_one(f"loading session {session_id!r}", _fetch_live_query(), params, writes=False)
 
     async def record_request(
-        self, session_id: str, *, duration_ms: int, now: datetime, stale_before: datetime
+        self,
+        session_id: str,
+        *,
+        duration_ms: int,
+        now: datetime,
+        stale_before: datetime,
+        request_id: str | None = None,
     ) -> Session | None:
-        """Count one request atomically; None when no live session has the id."""
-        params = {"id": session_id, "duration_ms": duration_ms, "now": now, "stale_before": stale_before}
-        return await self._fetch_one(f"recording a request of session {session_id!r}", _record_request_query(), params)
+        """Count one request atomically; None when no live session has the id.
+
+        ``request_id``: count it only if no request of that id was among the session's last
+        32; either way the session's ``last_activity`` and ``version`` move.
+        """
+        action = f"recording a request of session {session_id!r}"
+        params: dict[str, Any] = {
+            "id": session_id,
+            "duration_ms": duration_ms,
+            "now": now,
+            "stale_before": stale_before,
+        }
+        if request_id is None:
+            return await self._fetch_one(action, _record_request_query(), params)
+        params["identified"] = Jsonb([[request_id, duration_ms]])
+        return await self._fetch_one(action, _record_identified_request_query(), params)
 
     async def record_requests(
-        self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
+        self,
+        requests: Mapping[str, tuple[int, int]],
+        *,
+        now: datetime,
+        stale_before: datetime,
+        identified: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     ) -> list[Session]:
         """Count many requests in one statement: ``{session_id: (count, duration_ms)}``.
 
+        ``identified``: ``{session_id: [(request_id, duration_ms), ...]}``, requests counted
+        only when their id is new (as ``record_request``'s), besides those of ``requests``;
+        each of their sessions must be in ``requests`` too, with ``(0, 0)`` if it has no other.
         All or nothing: when a session is not live, nothing is counted and the result lists
         only the live ones, so the caller can tell which are missing.
         """
         ids = list(requests)
-        query = _record_requests_query()
-        params = {
+        params: dict[str, Any] = {
             "ids": ids,
             "counts": [requests[i][0] for i in ids],
             "durations": [requests[i][1] for i in ids],
             "now": now,
             "stale_before": stale_before,
         }
+        query = _record_requests_query()
+        if identified:
+            unknown = sorted(set(identified) - set(requests))
+            if unknown:
+                raise ValueError(f"identified requests of sessions not in requests: {unknown}")
+            params["identified"] = [Jsonb([list(pair) for pair in identified.get(i, ())]) for i in ids]
+            query = _record_identified_requests_query()
         action = f"recording requests of {len(ids)} sessions"
         async with self.database.connection(action) as conn, conn.transaction() as transaction:
             cur = tuple_cursor(conn.cursor(row_factory=tuple_row))
@@ -491,13 +571,13 @@ class SessionStore(ManagedStorage):
     async def live_ids(self, *, stale_before: datetime, now: datetime) -> list[str]:
         """The ids of every live session, sorted."""
         params = {"stale_before": stale_before, "now": now}
-        rows = await self.database.fetch_all("listing live sessions", _live_ids_query(), params)
+        rows = await self.database.fetch_all("listing live sessions", _live_ids_query(), params, writes=False)
         return [row[0] for row in rows]
 
     async def metrics(self, *, stale_before: datetime, now: datetime) -> SessionMetrics:
         """Counts and ages (seconds at ``now``) of the sessions still marked active."""
         params = {"stale_before": stale_before, "now": now}
-        row = await self.database.fetch_one("reading session metrics", _metrics_query(), params)
+        row = await self.database.fetch_one("reading session metrics", _metrics_query(), params, writes=False)
         assert row is not None  # an aggregate always returns its row
         total, live, oldest, newest, average = row
         return SessionMetrics(total, live, oldest or 0.0, newest or 0.0, average or 0.0)

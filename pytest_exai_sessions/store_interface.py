@@ -8,7 +8,7 @@ process, where lifecycle events go), each store answers for itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,13 +65,30 @@ class SessionStorage(Protocol):
     async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None: ...
 
     async def record_request(
-        self, session_id: str, *, duration_ms: int, now: datetime, stale_before: datetime
-    ) -> Session | None: ...
+        self,
+        session_id: str,
+        *,
+        duration_ms: int,
+        now: datetime,
+        stale_before: datetime,
+        request_id: str | None = None,
+    ) -> Session | None:
+        """Count one request; with ``request_id``, only if that id is not among the session's last 32 counted."""
+        ...
 
     async def record_requests(
-        self, requests: Mapping[str, tuple[int, int]], *, now: datetime, stale_before: datetime
+        self,
+        requests: Mapping[str, tuple[int, int]],
+        *,
+        now: datetime,
+        stale_before: datetime,
+        identified: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     ) -> list[Session]:
-        """All or nothing: when one is not live, nothing is counted and only the live ones are returned."""
+        """All or nothing: when one is not live, nothing is counted and only the live ones are returned.
+
+        ``identified``: ``{session_id: [(request_id, duration_ms), ...]}``, each counted as
+        ``record_request`` counts one with an id; their sessions are in ``requests`` too.
+        """
         ...
 
     async def update(

@@ -2,8 +2,9 @@
 
 import asyncio
 import contextlib
+import os
 
-from pytest_exai_sessions import PersistenceError, SessionConflict, SessionManager
+from pytest_exai_sessions import CommitUncertain, PersistenceError, SessionConflict, SessionManager
 
 
 async def counting_with_a_fault_point(ctx):
@@ -70,7 +71,7 @@ class AnswerLostManager(SessionManager):
 
     async def update(self, session_id, **changes):
         await super().update(session_id, **changes)
-        raise PersistenceError("the answer was lost on the way")
+        raise CommitUncertain(f"updating session {session_id!r}", "the answer was lost on the way")
 
 
 async def updates_whose_answer_is_lost(ctx):
@@ -90,3 +91,17 @@ async def refusals_between_writes_per_replica(ctx):
         with contextlib.suppress(SessionConflict):
             await ctx.update(session_id, data={"n": number}, expected_version=version + 1000)
         version = (await ctx.update(session_id, data={"n": number}, expected_version=version)).version
+
+
+async def large_writes_through_errors(ctx):
+    """Sessions rewritten with large data, fast: WAL that outruns a stalled standby's socket. Goes on through errors."""
+    sessions = int(ctx.params.get("sessions", 8))
+    size = int(ctx.params.get("blob_bytes", 8192))
+    for step in range(int(ctx.params.get("steps", 300))):
+        blob = os.urandom(size // 2).hex()  # random: TOAST would compress a repeated one to nothing
+        session_id = f"large-{step % sessions}"
+        with contextlib.suppress(PersistenceError):
+            if step < sessions:
+                await ctx.ensure(session_id, data={"step": step, "blob": blob})
+            else:
+                await ctx.update(session_id, data={"step": step, "blob": blob})

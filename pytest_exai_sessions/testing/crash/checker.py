@@ -47,8 +47,9 @@ class Violation:
 class CrashReport:
     """What a crash test found; ``assert_ok()`` fails naming each violation.
 
-    Counts: ``acknowledged`` operations the store answered (``ok`` or ``fail``);
-    ``uncertain`` ones that raised without an answer; ``in_flight`` ones that never
+    Counts: ``acknowledged`` operations the store answered (``ok`` or ``fail``), of which
+    ``failed`` were refused (they must have written nothing); ``uncertain`` ones that raised
+    without an answer (present or absent, never in part); ``in_flight`` ones that never
     completed; ``sessions_checked`` sessions the history names; ``recovered`` rows in state
     ``active`` after recovery.
     """
@@ -62,6 +63,7 @@ class CrashReport:
     recovered: int
     violations: list[Violation] = field(default_factory=list)
     fault_points: list[str] = field(default_factory=list)
+    failed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -90,7 +92,8 @@ class CrashReport:
     def summary(self) -> str:
         killed = f"killed {self.killed_at}" if self.killed else "nothing killed"
         return (
-            f"{killed}: {self.replicas} replicas, {self.acknowledged} acknowledged, {self.uncertain} uncertain, "
+            f"{killed}: {self.replicas} replicas, {self.acknowledged} acknowledged ({self.failed} refused), "
+            f"{self.uncertain} uncertain, "
             f"{self.in_flight} in flight, {self.sessions_checked} sessions checked, {self.recovered} recovered, "
             f"{len(self.violations)} violations"
         )
@@ -129,6 +132,7 @@ def check(
         recovered=sum(1 for row in rows.values() if row.state == "active"),
         violations=violations,
         fault_points=list(history.fault_points),
+        failed=history.count("fail"),
     )
 
 

@@ -3,7 +3,10 @@
 A workload is an ``async def workload(ctx: WorkloadContext)``. Before each operation the
 context records its invocation; after the awaited call, its outcome (see ``records.py``).
 A ``SessionConflict`` or ``SessionNotFound`` is a ``fail``: the store answered and wrote
-nothing. Any other exception is ``uncertain``: the write may or may not have taken effect.
+nothing. So is a ``PersistenceError`` that is not a ``CommitUncertain``, for an operation
+that is one write of the store (``applied_only_on_success``): the store promises that it did
+not take effect, and the checker holds it to that. Any other exception is ``uncertain``: the
+write may or may not have taken effect.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
-from ...errors import SessionConflict, SessionNotFound
+from ...errors import CommitUncertain, PersistenceError, SessionConflict, SessionNotFound
 from ...manager import SessionManager
 from ...models import Session
 from .records import Completed, FaultPointReached, Invoked, Outcome, Record, encode
@@ -63,6 +66,12 @@ class WorkloadContext:
     operation sets, so that a crash in flight can be told apart from corruption.
     """
 
+    # Which of the recorded operations are a single write of the store (reads before or
+    # after it aside), so that a PersistenceError other than CommitUncertain means it wrote
+    # nothing: ensure (a create that returned nothing wrote nothing), update, merge_data (one
+    # transaction), update_activity (one statement, never batched) and remove. Not request:
+    # it is the application's block and then a write.
+
     def __init__(
         self, manager: SessionManager, sink: RecordSink, params: dict[str, Any], dsn: str, *, replica: int = 0
     ) -> None:
@@ -80,8 +89,21 @@ class WorkloadContext:
 
     @asynccontextmanager
     async def operation(
-        self, session_id: str, name: str, *, expect: dict[str, Any] | None = None, args: dict[str, Any] | None = None
+        self,
+        session_id: str,
+        name: str,
+        *,
+        expect: dict[str, Any] | None = None,
+        args: dict[str, Any] | None = None,
+        applied_only_on_success: bool = False,
     ) -> AsyncIterator[Acknowledgement]:
+        """Record one operation around the block.
+
+        ``applied_only_on_success=True``: the block makes at most one write through the
+        store, so a ``PersistenceError`` other than ``CommitUncertain`` means it wrote
+        nothing, and is recorded ``fail`` (the checker then requires its effect absent).
+        Otherwise any exception but a conflict or not-found is ``uncertain``.
+        """
         self._sequence += 1
         sequence = self._sequence
         self._sink.write(Invoked(self._replica, sequence, session_id, name, args or {}, expect, at=time.monotonic()))
@@ -109,6 +131,12 @@ class WorkloadContext:
         except SessionNotFound:
             complete("fail", "not_found")
             raise
+        except PersistenceError as error:
+            if applied_only_on_success and not isinstance(error, CommitUncertain):
+                complete("fail", f"not_applied: {error}")
+            else:
+                complete("uncertain", f"{type(error).__name__}: {error}")
+            raise
         except BaseException as error:
             # Raised, cancelled or interrupted: whether the write took effect is unknown.
             complete("uncertain", f"{type(error).__name__}: {error}")
@@ -118,7 +146,7 @@ class WorkloadContext:
 
     async def ensure(self, session_id: str, **attrs: Any) -> Session:
         expect = {"state": "active", **{k: v for k, v in attrs.items() if k in ("data", "metadata", "user_id")}}
-        async with self.operation(session_id, "ensure", expect=expect, args=attrs) as op:
+        async with self.operation(session_id, "ensure", expect=expect, args=attrs, applied_only_on_success=True) as op:
             session = await self.manager.ensure(session_id, **attrs)
             op.acknowledge(session)
         return session
@@ -130,14 +158,16 @@ class WorkloadContext:
         ``current_version`` the store reported) and raised on.
         """
         args = dict(changes) if expected_version is None else {**changes, "expected_version": expected_version}
-        async with self.operation(session_id, "update", expect=dict(changes), args=args) as op:
+        async with self.operation(
+            session_id, "update", expect=dict(changes), args=args, applied_only_on_success=True
+        ) as op:
             session = await self.manager.update(session_id, expected_version=expected_version, **changes)
             op.acknowledge(session)
         return session
 
     async def merge_data(self, session_id: str, patch: dict[str, Any]) -> Session:
         """``manager.merge_data``: the acknowledged state is the merged session it returned."""
-        async with self.operation(session_id, "merge_data", args={"patch": patch}) as op:
+        async with self.operation(session_id, "merge_data", args={"patch": patch}, applied_only_on_success=True) as op:
             session = await self.manager.merge_data(session_id, patch)
             op.acknowledge(session)
         return session
@@ -149,15 +179,21 @@ class WorkloadContext:
             op.acknowledge(session)
         return session
 
-    async def update_activity(self, session_id: str, request_duration_ms: int | None = None) -> Session:
-        args = {"request_duration_ms": request_duration_ms or 0}
-        async with self.operation(session_id, "update_activity", args=args) as op:
-            session = await self.manager.update_activity(session_id, request_duration_ms)
+    async def update_activity(
+        self, session_id: str, request_duration_ms: int | None = None, *, request_id: str | None = None
+    ) -> Session:
+        """``manager.update_activity``; with ``request_id`` a retry after an uncertain outcome counts once."""
+        args: dict[str, Any] = {"request_duration_ms": request_duration_ms or 0}
+        # Passed on only when given: a manager a test built over an older signature still works.
+        options = {} if request_id is None else {"request_id": request_id}
+        args.update(options)
+        async with self.operation(session_id, "update_activity", args=args, applied_only_on_success=True) as op:
+            session = await self.manager.update_activity(session_id, request_duration_ms, **options)
             op.acknowledge(session)
         return session
 
     async def remove(self, session_id: str) -> None:
-        async with self.operation(session_id, "remove") as op:
+        async with self.operation(session_id, "remove", applied_only_on_success=True) as op:
             await self.manager.remove(session_id)
             op.acknowledge(None)
 
