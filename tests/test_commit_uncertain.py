@@ -213,6 +213,9 @@ async def test_a_call_that_never_reached_the_server_is_a_plain_failure(sync_rep)
         await manager.ensure("s")
         sync_rep.admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(ident))
         sync_rep.admin(sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"), (dbname,))
+        # Until they are gone, a pooled connection may still look alive: a call sent on it is uncertain.
+        while sync_rep.admin(sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE datname = %s"), (dbname,))[0][0]:
+            await asyncio.sleep(0.005)
         try:
             for _attempt in range(2):  # the pool's connection refused, then the reconnect's probe
                 with pytest.raises(PersistenceError) as raised:
