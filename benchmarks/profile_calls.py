@@ -28,7 +28,7 @@ from psycopg.rows import tuple_row
 from run import RAW_SELECT, RAW_UPSERT, alternating_rates, median_ratio, start_server
 
 from pytest_exai_sessions import SessionManager
-from pytest_exai_sessions.db import _discard_if_closed_by_server, tuple_cursor
+from pytest_exai_sessions.db import closed_by_server, tuple_cursor
 from pytest_exai_sessions.server import TemporaryPostgres
 from pytest_exai_sessions.store import _fetch_live_query, _fetch_query, _record_request_query, _to_session
 from pytest_exai_sessions.testing.databases import TestDatabases
@@ -180,7 +180,7 @@ async def pieces(conn: psycopg.AsyncConnection[Any], manager: SessionManager, ca
         pooled = await pool.getconn()
         try:
             for _ in range(calls):
-                await _discard_if_closed_by_server(pooled)
+                closed_by_server(pooled)
         finally:
             await pool.putconn(pooled)
 
@@ -191,8 +191,8 @@ async def pieces(conn: psycopg.AsyncConnection[Any], manager: SessionManager, ca
         manager._window()
 
     for name, piece, repeat in (
-        ("pool getconn + putconn (its check included)", pool_pair, calls),
-        ("  of which the check (_discard_if_closed_by_server)", check, 1),
+        ("pool getconn + putconn", pool_pair, calls),
+        ("the check that the server did not close it (closed_by_server)", check, 1),
         ("asyncio.timeout block", deadline, calls),
         ("_to_session (Session.from_database)", model, calls),
         ("manager._window (clock, stale_before)", window, calls),

@@ -63,6 +63,9 @@ _UNKNOWN_OUTCOME_CLASSES = ("08", "XX")
 # backend was ended, the next call looks for the primary again.
 _NOT_THE_PRIMARY = frozenset({"25006"}) | _BACKEND_ENDED
 
+# How often a call whose server went away tries to connect again, while it may wait.
+_PROBE_INTERVAL = 0.01
+
 # The WARNING a backend sends when the wait of a COMMIT for a synchronous standby is
 # cancelled (pg_cancel_backend, or the cancel request of our deadline) or ended: the
 # transaction has committed here, and the statement answers success. Told by the server
@@ -203,18 +206,13 @@ def _outcome_unknown(error: psycopg.Error) -> bool:
     return sqlstate in _BACKEND_ENDED or sqlstate.startswith(_UNKNOWN_OUTCOME_CLASSES)
 
 
-async def _discard_if_closed_by_server(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Pool check before each use: refuse a connection the server has closed meanwhile.
+def closed_by_server(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server closed this idle connection meanwhile (a restart, a failover, a terminated backend).
 
     An idle connection has nothing to read; if its socket is readable, the server has sent
-    its goodbye (a restart, a terminated backend) or closed it. A select() costs no round
-    trip, and it lets the first call after a database restart succeed instead of failing
-    on a dead connection.
+    its goodbye or closed it. A select() costs no round trip.
     """
-    if conn.closed or select.select([conn.fileno()], [], [], 0)[0]:
-        # Closed here, the pool drops it and opens a replacement; open, it would hand it out again.
-        await conn.close()
-        raise psycopg.OperationalError("the server closed this connection while it was idle")
+    return conn.closed or bool(select.select([conn.fileno()], [], [], 0)[0])
 
 
 class Database:
@@ -248,6 +246,8 @@ class Database:
         self._server_lost = False
         # Cancel requests of statements past their deadline, still under way (see deadline.py).
         self._cancelling: set[asyncio.Task[None]] = set()
+        # Held by the call that probes for a server that went away (see _wait_for_server).
+        self._probing = asyncio.Lock()
 
     def _new_pool(self) -> AsyncConnectionPool[_PooledConnection]:
         options = self.pool_options
@@ -263,7 +263,6 @@ class Database:
             max_size=options["max_size"],
             timeout=options["timeout"],
             configure=self._configure,
-            check=_discard_if_closed_by_server,
             open=False,
         )
 
@@ -360,15 +359,13 @@ class Database:
         CommitUncertain), spelled out without its layers of context managers, which cost a
         sizeable part of a call. ``writes=False``: a read, never uncertain.
         """
-        if self._server_lost:
-            await self._reconnect(action)
         # This call's pool: another call may replace self._pool meanwhile (see _reconnect).
         pool = self._pool
         deadline = Deadline(self.answer_within, self._cancelling)
         sent = False
         try:
             async with deadline.backstop():
-                conn = await pool.getconn()
+                pool, conn = await self._acquire(action)
                 conn.unreplicated = False
                 deadline.watch(conn)
                 try:
@@ -446,21 +443,23 @@ class Database:
         The statement of the connection is cancelled when the deadline is up, and the connection
         cut off if that does not end it (see ``deadline.py``).
         """
-        if self._server_lost:
-            await self._reconnect(action)
         pool = self._pool
         deadline = Deadline(self.answer_within, self._cancelling)
         sent = False  # from the start of the caller's block on, a write may have reached the server
         try:
-            async with deadline.backstop(), pool.connection() as conn:
-                conn.unreplicated = False
-                deadline.watch(conn)
-                sent = writes
+            async with deadline.backstop():
+                pool, conn = await self._acquire(action)
                 try:
-                    yield conn, deadline
-                    unreplicated = conn.unreplicated
+                    conn.unreplicated = False
+                    deadline.watch(conn)
+                    sent = writes
+                    try:
+                        yield conn, deadline
+                        unreplicated = conn.unreplicated
+                    finally:
+                        await deadline.release(conn)
                 finally:
-                    await deadline.release(conn)
+                    await pool.putconn(conn)
         except TimeoutError as error:
             raise self._no_answer(action, error, sent=sent) from error
         except psycopg.Error as error:
@@ -494,6 +493,46 @@ class Database:
                         yield row
                 finally:
                     deadline.resume()  # also for what ends the stream: closing the cursor, COMMIT
+
+    async def _acquire(self, action: str) -> tuple[AsyncConnectionPool[_PooledConnection], _PooledConnection]:
+        """A connection of the pool that the server has not closed, and that pool; nothing is sent yet.
+
+        One the server closed while it was idle means the server went away (restarted, failed
+        over): the pool is replaced at once (``_reconnect``: one probe, which fails at once
+        while no server takes writes) and asked again. A pool ``check`` would do the same but
+        try the next connection only after its backoff, a second or more, in this very call.
+        """
+        if self._server_lost:
+            await self._reconnect(action)
+        pool = self._pool
+        conn = await pool.getconn()
+        if not closed_by_server(conn):
+            return pool, conn
+        await conn.close()  # closed, the pool drops it and opens a replacement
+        await pool.putconn(conn)
+        if pool is self._pool:
+            self._server_lost = True
+        await self._wait_for_server(action, pool)
+        pool = self._pool
+        return pool, await pool.getconn()
+
+    async def _wait_for_server(self, action: str, lost: AsyncConnectionPool[_PooledConnection]) -> None:
+        """``_reconnect`` every few ms until a server takes the connection, for at most the pool's ``timeout``.
+
+        A restart or a failover takes a fraction of a second, and a call may wait that long for
+        a connection anyway: it goes on as soon as the server (or the new primary) is there.
+        One call probes at a time; the others find the pool replaced.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.pool_options["timeout"]
+        async with self._probing:
+            while self._pool is lost:
+                try:
+                    await self._reconnect(action)
+                except PersistenceError:
+                    if loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(_PROBE_INTERVAL)
 
     def _note_failure(self, error: psycopg.Error, pool: AsyncConnectionPool[_PooledConnection]) -> None:
         """After a connection failure, or an answer that this server is no longer the primary

@@ -188,6 +188,21 @@ async def test_a_rolling_failover_under_replica_traffic_loses_nothing_and_reques
     await probe.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_call_made_while_there_is_no_primary_waits_for_the_new_one(failover_harness):
+    manager = await failover_harness.new_manager()
+    await manager.ensure("waiting")
+    cluster = failover_harness.server
+
+    cluster.kill_primary()  # the pool's connections die while idle; no node takes writes now
+    call = asyncio.ensure_future(manager.update_activity("waiting"))
+    await asyncio.sleep(0.05)
+    assert not call.done()  # it waits for a primary, within the pool's timeout
+    await asyncio.to_thread(cluster.promote)
+
+    assert (await call).request_count == 1
+
+
 async def attempts_until_acknowledged(manager, limit=5):
     for attempt in range(1, limit + 1):
         try:
