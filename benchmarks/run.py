@@ -90,11 +90,26 @@ CHECKPOINT and a syncfs of the disk, then one autocommit psycopg connection inse
 for 2 s, a row acknowledged once its execute returned; the fault comes while the client waits for an answer (the \
 event loop stands still until the server is back), then the rows are counted. Lost: acknowledged rows missing (all \
 of them when the table is gone or the server does not start); the row in flight may be there, its outcome unknown, \
-and counts neither way."""
+and counts neither way. 10. Two `ReplicatedCluster`s of a primary and one streaming standby (synchronous `FIRST \
+1`, and asynchronous) and a single node, all `ClusterNode`s on tmpfs with the cluster's settings (wal_level \
+replica, full_page_writes and wal_log_hints on, fsync off) started from one seed data directory with the \
+template and a clone; a `SessionManager` (default store options) on the clone through the cluster's DSN (every \
+node, `target_session_attrs=read-write`). Failover: {failover_rounds} rounds per cluster; the manager calls \
+`update_activity` on 100 sessions back to back on the event loop (5 ms pause after a failed call, as \
+`first_write()` pauses between attempts); after 0.3 s `kill_primary()` (SIGKILL) and `promote()` run in threads \
+(`asyncio.to_thread`), `first_write()` (a fresh connection committing through the same DSN) in another thread at \
+the same time; the time runs from `killed_at` to the end of the first call begun after the kill (the server \
+reaped) that the store acknowledges (a call that raised `PersistenceError` or `CommitUncertain` does not count), \
+then `rejoin()` (pg_rewind) for the next round, the same manager throughout. Single server: the same with \
+`KillDatabase` (SIGKILL, then `restart()`) on the single node and the same polling loop as `first_write()` on \
+its DSN. update_activity: the four servers' managers in {failover_blocks} alternating blocks of 200 calls on 100 \
+sessions, before any failover; a ratio is the median of the per-block ratios."""
 # Section 8 is claims.py's: this script keeps it as it is.
-OWN_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 9)
+OWN_SECTIONS = (1, 2, 3, 4, 5, 6, 7, 9, 10)
 # Section 9's repetitions, by --quick.
 POWER_LOSS_RUNS = {False: {"cuts": 20, "blocks": 30, "trials": 5}, True: {"cuts": 5, "blocks": 5, "trials": 3}}
+# Section 10's repetitions, by --quick.
+FAILOVER_RUNS = {False: {"rounds": 10, "blocks": 30}, True: {"rounds": 3, "blocks": 5}}
 
 
 @dataclass
@@ -753,6 +768,7 @@ def main() -> None:
         ),
         7: ("7. Behind PgBouncer", lambda: asyncio.run(behind_pgbouncer(tmpfs_server, repeat))),
         9: ("9. Power loss", lambda: power_loss_section(tmpfs_server, args.quick)),
+        10: ("10. Failover", lambda: failover_section(tmpfs_server, args.quick)),
     }
     sections: dict[int, tuple[str, list[Figure]]] = {}
     try:
@@ -770,7 +786,11 @@ def main() -> None:
         f"cluster on tmpfs (/dev/shm) unless stated. Medians of {repeat} runs where repeated. "
         f"1-minute load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end."
     )
-    method = METHOD.format(pgbouncer=pgbouncer_version(), **POWER_LOSS_RUNS[args.quick])
+    method = METHOD.format(
+        pgbouncer=pgbouncer_version(),
+        **POWER_LOSS_RUNS[args.quick],
+        **{f"failover_{name}": count for name, count in FAILOVER_RUNS[args.quick].items()},
+    )
     note = (
         f"Measured apart from the other sections: `python benchmarks/run.py --only "
         f"{' '.join(map(str, sorted(chosen)))} --write` on {time.strftime('%Y-%m-%d')}; 1-minute load average "
@@ -804,6 +824,13 @@ def power_loss_section(tmpfs: TemporaryPostgres, quick: bool) -> list[Figure]:
     import power_loss  # noqa: PLC0415
 
     return asyncio.run(power_loss.measure(tmpfs, **POWER_LOSS_RUNS[quick]))
+
+
+def failover_section(tmpfs: TemporaryPostgres, quick: bool) -> list[Figure]:
+    # Imported only here, as power_loss is: failover.py imports this module.
+    import failover  # noqa: PLC0415
+
+    return asyncio.run(failover.measure(tmpfs, **FAILOVER_RUNS[quick]))
 
 
 def split_results(text: str) -> tuple[str, dict[int, str]]:

@@ -486,7 +486,39 @@ class CrashHarness:
             after_acks=fail_over_after_acks, after_secs=fail_over_after_secs, at=fail_over_at, verb="fail_over"
         )
         cluster = self._cluster()
-        fault = FailOver(cluster, self.database)
+        return await self.run_through_fault(
+            workload,
+            at=points,
+            fault=FailOver(cluster, self.database),
+            between=cluster.rejoin,  # a standby again, for the next failover
+            what="the primary, and failed over,",
+            params=params,
+            manager_class=manager_class,
+            timeout=timeout,
+            **options,
+        )
+
+    async def run_through_fault(
+        self,
+        workload: Any,
+        *,
+        at: FaultAt | Sequence[FaultAt],
+        fault: Fault,
+        between: Callable[[], object] | None = None,
+        what: str = "the database, and it came back,",
+        params: dict[str, Any] | None = None,
+        manager_class: Any = SessionManager,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> CrashReport:
+        """Run ``workload`` in a child process that lives through ``fault``: injected and recovered at each point.
+
+        For a fault of the database the application outlives (a failover, yours or a failover
+        manager's): the workload goes on to its end, and all it did is checked. ``between``
+        runs after each fault but the last (to make the next one possible); ``what`` the fault
+        did, for the report ("killed <what> after 12 acknowledged operations").
+        """
+        points = list(at) if isinstance(at, Sequence) else [at]
         spec = self._spec(workload, manager_class, options, params or {})
         initial = await self._rows()
         history = History()
@@ -495,10 +527,10 @@ class CrashHarness:
         def fire() -> None:
             fault.inject()
             fault.recover()
-            if next(done) < len(points):
-                cluster.rejoin()  # a standby again, for the next failover
+            if between is not None and next(done) < len(points):
+                between()
 
-        await run_through(spec, history, at=points, fire=fire, timeout=timeout, what="the primary, and failed over,")
+        await run_through(spec, history, at=points, fire=fire, timeout=timeout, what=what)
         return await self._check(history, initial, manager_class, options)
 
     # the pooler
