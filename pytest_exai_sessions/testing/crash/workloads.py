@@ -19,8 +19,9 @@ async def mixed_workload(ctx: WorkloadContext) -> None:
     params: ``sessions`` (ids to use, default 12), ``workers`` (concurrent tasks, each with its
     own ids, default 3), ``seed``, ``steps`` (per worker, default unbounded in practice),
     ``fault_points`` (announce ``before-<op>-<worker>-<step>`` before each write) and
-    ``keep_going`` (an operation that raises is recorded, and the worker goes on: for a
-    fault the application outlives, such as a failover).
+    ``keep_going`` (an operation that raises is recorded, and the worker goes on after
+    ``error_pause`` seconds, default 0.005: for a fault the application outlives, such as a
+    failover).
     """
     sessions = int(ctx.params.get("sessions", 12))
     workers = int(ctx.params.get("workers", 3))
@@ -36,6 +37,7 @@ async def _worker(ctx: WorkloadContext, ids: list[str], rng: random.Random, work
     steps = int(ctx.params.get("steps", 1_000_000))
     announce = bool(ctx.params.get("fault_points", False))
     keep_going = bool(ctx.params.get("keep_going", False))
+    error_pause = float(ctx.params.get("error_pause", 0.005))
     for step in range(steps):
         session_id = rng.choice(ids)
         if session_id not in live:
@@ -50,7 +52,7 @@ async def _worker(ctx: WorkloadContext, ids: list[str], rng: random.Random, work
             if not keep_going:
                 raise
             # Recorded already; a session whose removal failed stays ours to use.
-            await asyncio.sleep(0.005)  # not a hot loop while the database is away
+            await asyncio.sleep(error_pause)  # not a hot loop while the database is away
 
 
 async def _mixed_step(
