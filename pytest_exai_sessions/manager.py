@@ -245,7 +245,9 @@ class SessionManager:
         # whether or not the session exists.
         now = window["now"]
         candidate = Session(session_id=session_id, created_at=now, last_activity=now, **attrs)
-        existing = await self.store.fetch_live(session_id, **window)
+        # Confirmed: the session it hands out as existing is on the synchronous standbys, even one
+        # whose creation raised CommitUncertain (committed here, not confirmed by a standby).
+        existing = await self.store.fetch_live(session_id, confirmed=True, **window)
         if existing is not None:
             return existing
         events = self._lifecycle(SessionLifecycle.CREATED)
@@ -255,17 +257,24 @@ class SessionManager:
             if created is not None:
                 return created
             # Another replica (or task) created it meanwhile, or every slot is taken.
-            existing = await self.store.fetch_live(session_id, **window)
+            existing = await self.store.fetch_live(session_id, confirmed=True, **window)
             if existing is not None:
                 return existing
         # At the limit only an existing session comes in: loading is never refused.
         raise SessionLimitExceeded(self.max_concurrent_sessions)
 
-    async def get(self, session_id: str) -> Session | None:
-        """The live session ``session_id`` as the database holds it now, or None; never creates."""
+    async def get(self, session_id: str, *, confirmed: bool = False) -> Session | None:
+        """The live session ``session_id`` as the database holds it now, or None; never creates.
+
+        Under synchronous replication the primary shows a commit before its standbys confirm
+        it (and keeps one whose wait for them was cancelled). ``confirmed=True`` returns only
+        once they have every commit it may have read, so what it returns survives a failover:
+        the read to make after a ``CommitUncertain``. It then commits, as a write does, and
+        raises ``CommitUncertain`` itself if that cannot be confirmed.
+        """
         # A bad id is bad input (ValueError), not a database error from the lookup.
         check_session_id(session_id)
-        return await self.store.fetch_live(session_id, **self._window())
+        return await self.store.fetch_live(session_id, confirmed=confirmed, **self._window())
 
     async def remove(self, session_id: str) -> None:
         """Delete the session, for every manager at once; unknown ids are ignored."""

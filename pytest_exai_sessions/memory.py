@@ -102,7 +102,9 @@ class MemoryStore(ManagedStorage):
         row = self._rows.get(session_id)
         return None if row is None else _copy(row)
 
-    async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
+    async def fetch_live(
+        self, session_id: str, *, stale_before: datetime, now: datetime, confirmed: bool = False
+    ) -> Session | None:
         row = self._live(session_id, stale_before=stale_before, now=now)
         return None if row is None else _copy(row)
 

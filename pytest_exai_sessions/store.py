@@ -167,10 +167,24 @@ def _create_query(*, limited: bool) -> bytes:
 
 
 @functools.cache
-def _fetch_live_query() -> bytes:
+def _fetch_live_query(*, confirmed: bool = False) -> bytes:
+    # Confirmed: under synchronous replication the statement logs a transactional message (a
+    # WAL record, empty, that logical decoding shows under the prefix "exai-sessions"), so that
+    # its commit waits for the synchronous standbys as a write's does; without WAL written, a
+    # transaction id alone would not wait. Every commit before it is then on them too: what it
+    # read cannot vanish in a failover, even a row whose own write was uncertain. CASE, not OR:
+    # its branches are taken in order, so a server without standbys writes nothing.
+    confirm = (
+        sql.SQL(
+            " AND CASE WHEN current_setting('synchronous_standby_names') = '' THEN true"
+            " ELSE pg_logical_emit_message(true, 'exai-sessions', '') IS NOT NULL END"
+        )
+        if confirmed
+        else sql.SQL("")
+    )
     return _compiled(
-        sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}").format(
-            returning=RETURNING, table=TABLE, live=_LIVE_FOUND
+        sql.SQL("SELECT {returning} FROM {table} AS sessions WHERE session_id = %(id)s AND {live}{confirm}").format(
+            returning=RETURNING, table=TABLE, live=_LIVE_FOUND, confirm=confirm
         )
     )
 
@@ -453,9 +467,13 @@ class SessionStore(ManagedStorage):
             f"reading session {session_id!r}", _fetch_query(), {"id": session_id}, writes=False
         )
 
-    async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None:
+    async def fetch_live(
+        self, session_id: str, *, stale_before: datetime, now: datetime, confirmed: bool = False
+    ) -> Session | None:
         params = {"id": session_id, "stale_before": stale_before, "now": now}
-        return await self._fetch_one(f"loading session {session_id!r}", _fetch_live_query(), params, writes=False)
+        query = _fetch_live_query(confirmed=confirmed)
+        # Confirmed, it commits: its wait for the standby can end unconfirmed, as a write's.
+        return await self._fetch_one(f"loading session {session_id!r}", query, params, writes=confirmed)
 
     async def record_request(
         self,

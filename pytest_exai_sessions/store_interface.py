@@ -62,7 +62,11 @@ class SessionStorage(Protocol):
         """The session in any state, live or not."""
         ...
 
-    async def fetch_live(self, session_id: str, *, stale_before: datetime, now: datetime) -> Session | None: ...
+    async def fetch_live(
+        self, session_id: str, *, stale_before: datetime, now: datetime, confirmed: bool = False
+    ) -> Session | None:
+        """The live session; ``confirmed``: not before every commit it may have read is on the synchronous standbys."""
+        ...
 
     async def record_request(
         self,

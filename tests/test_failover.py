@@ -16,12 +16,12 @@ from session_states import row, state
 
 from pytest_exai_sessions import CommitUncertain, PersistenceError, SessionManager
 from pytest_exai_sessions.server.replication import ReplicatedCluster
-from pytest_exai_sessions.testing.crash import Completed, History, Invoked, check
+from pytest_exai_sessions.testing.crash import Completed, FailOver, History, Invoked, check
 from pytest_exai_sessions.testing.workloads import mixed_workload, replica_workload
 
 MANY = {"max_concurrent_sessions": 1000}
 FAILOVERS = 10
-SLOW_RUNS = 3  # under -m slow: that many runs of FAILOVERS each
+SLOW_RUNS = 2  # under -m slow: that many runs of FAILOVERS each
 
 
 def keep_going(seed: int, steps: int = 40) -> dict:
@@ -124,15 +124,11 @@ async def test_a_commit_whose_wait_for_the_standby_is_cancelled_is_uncertain_and
     failover_harness,
 ):
     manager = await failover_harness.new_manager()
+    impatient = await failover_harness.new_manager(store_options={"timeout": 0.1})
     await manager.ensure("kept", data={"n": 0})
     primary = failover_harness.server.primary.dsn(failover_harness.database.name)
     with failover_harness.stall_replication():
-        # More WAL than the standby's socket holds, ahead of the update: a lag, not just a pause.
-        with psycopg.connect(primary, autocommit=True) as conn:
-            conn.execute("SET synchronous_commit = local")
-            conn.execute(
-                "CREATE TABLE lag AS SELECT repeat(md5(i::text), 60) AS filler FROM generate_series(1, 3000) i"
-            )
+        fill_the_standbys_socket(failover_harness)
         waiting = asyncio.ensure_future(manager.update("kept", data={"n": 1}))
         await wait_for_commits_waiting(failover_harness, 1)
         assert failover_harness.cancel_waiting_commits() == 1
@@ -141,6 +137,11 @@ async def test_a_commit_whose_wait_for_the_standby_is_cancelled_is_uncertain_and
         # Committed on the primary, which every reader there sees: success would have been a lie.
         with psycopg.connect(primary) as conn:
             assert conn.execute("SELECT session_data FROM sessions WHERE session_id = 'kept'").fetchone() == ({"n": 1},)
+        assert (await manager.get("kept")).data == {"n": 1}  # a plain read is the primary's
+        with pytest.raises(CommitUncertain):  # a confirmed one waits for the standby, which lags
+            await impatient.get("kept", confirmed=True)
+        with pytest.raises(CommitUncertain):  # so does ensure: it hands out only what survives
+            await impatient.ensure("kept")
         failover_harness.fail_over()
     assert (await manager.get("kept")).data == {"n": 0}
 
@@ -150,6 +151,7 @@ async def test_a_commit_whose_wait_for_the_standby_is_cancelled_is_uncertain_and
 async def test_the_store_deadline_never_acknowledges_a_commit_the_standby_did_not_confirm(failover_harness):
     """The lost acknowledgement: stalled standbys, commits cancelled at the store's deadline, then a failover."""
     with failover_harness.stall_replication():
+        fill_the_standbys_socket(failover_harness)
         report = await failover_harness.run_and_fail_over(
             mixed_workload,
             fail_over_after_secs=1.5,
@@ -192,15 +194,26 @@ async def test_a_rolling_failover_under_replica_traffic_loses_nothing_and_reques
 async def test_a_call_made_while_there_is_no_primary_waits_for_the_new_one(failover_harness):
     manager = await failover_harness.new_manager()
     await manager.ensure("waiting")
-    cluster = failover_harness.server
+    failover = FailOver(failover_harness.server, failover_harness.database)
 
-    cluster.kill_primary()  # the pool's connections die while idle; no node takes writes now
+    failover.inject()  # the primary dies: the pool's connections die while idle; no node takes writes now
     call = asyncio.ensure_future(manager.update_activity("waiting"))
     await asyncio.sleep(0.05)
     assert not call.done()  # it waits for a primary, within the pool's timeout
-    await asyncio.to_thread(cluster.promote)
+    await asyncio.to_thread(failover.recover)  # a standby promoted (and the run's pooler, if any, retargeted)
 
     assert (await call).request_count == 1
+
+
+def fill_the_standbys_socket(harness):
+    """More WAL than a stalled standby's socket holds: what is written next is a lag, not just a pause.
+
+    The primary sends WAL on while the receiver is stopped, until the socket is full; a
+    failover lets the standby read what is in it. Committed without waiting for the standby.
+    """
+    with psycopg.connect(harness.server.primary.dsn(harness.database.name), autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = local")
+        conn.execute("CREATE TABLE lag AS SELECT repeat(md5(i::text), 60) AS filler FROM generate_series(1, 3000) i")
 
 
 async def attempts_until_acknowledged(manager, limit=5):

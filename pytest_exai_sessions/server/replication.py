@@ -289,6 +289,7 @@ class ReplicatedCluster:
                 node.start_standby(self.primary)
             self._wait_streaming(self.nodes[1:])
             self._apply_policy()
+            self._wait_caught_up()
         except BaseException:
             self.stop()
             raise
@@ -335,9 +336,9 @@ class ReplicatedCluster:
         chosen.promote()
         self.primary = chosen
         self.failovers += 1
-        self._apply_policy()
         for node in self.standbys:
             node.follow(chosen)
+        self._apply_policy()
 
     def first_write(self, dsn: str | None = None, timeout: float = 30.0) -> float:
         """Commit on ``dsn`` (default: the cluster's) until one is acknowledged; the seconds since the kill."""
@@ -364,6 +365,7 @@ class ReplicatedCluster:
             node.rewind_and_follow(self.primary)
         self._wait_streaming(dead)
         self._apply_policy()
+        self._wait_caught_up()
         return time.monotonic() - started
 
     @contextlib.contextmanager
@@ -390,10 +392,40 @@ class ReplicatedCluster:
     # inside
 
     def _apply_policy(self) -> None:
+        """Name the running standbys in the primary's ``synchronous_standby_names``, and wait until they are waited for.
+
+        A reload takes effect in each process when it gets to it: until the WAL senders show
+        the standbys as synchronous, a commit may still be acknowledged without them.
+        """
         if self.policy is None:
             return
         names = synchronous_names(self.policy, [node.name for node in self.standbys])
         self.primary.set_config("synchronous_standby_names", names)
+        if not names:
+            return
+        expected = {node.name for node in self.standbys}
+        query = "SELECT application_name FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum', 'potential')"
+        deadline = time.monotonic() + 30.0
+        while not expected <= {name for (name,) in self.primary.query(query)}:
+            if time.monotonic() > deadline:
+                raise ReplicationError(f"{sorted(expected)} did not become synchronous standbys within 30s")
+            time.sleep(0.002)
+
+    def _wait_caught_up(self, timeout: float = 30.0) -> None:
+        """Until every standby has flushed all the WAL the primary has now.
+
+        A commit acknowledged while no standby was synchronous (after a failover that left
+        none, or before a reload took effect) is then on every standby, before the next
+        failover can come: ``rejoin()`` returns only after this.
+        """
+        (target,) = self.primary.query("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")[0]
+        names = {node.name for node in self.standbys}
+        query = "SELECT application_name FROM pg_stat_replication WHERE (flush_lsn - '0/0'::pg_lsn)::bigint >= %s"
+        deadline = time.monotonic() + timeout
+        while not names <= {name for (name,) in self.primary.query(query, (target,))}:
+            if time.monotonic() > deadline:
+                raise ReplicationError(f"standbys {sorted(names)} did not catch up within {timeout:g}s")
+            time.sleep(0.002)
 
     def _resume_receivers(self) -> None:
         stalled, self._stalled = self._stalled, []
