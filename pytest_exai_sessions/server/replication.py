@@ -394,8 +394,11 @@ class ReplicatedCluster:
     def _apply_policy(self) -> None:
         """Name the running standbys in the primary's ``synchronous_standby_names``, and wait until they are waited for.
 
-        A reload takes effect in each process when it gets to it: until the WAL senders show
-        the standbys as synchronous, a commit may still be acknowledged without them.
+        A reload takes effect in each process when it gets to it, and a commit waits only once
+        the checkpointer has taken it in (it keeps the flag commits look at). So: until the
+        WAL senders show the standbys as synchronous (the postmaster has passed the reload on
+        to every process), then a CHECKPOINT, which the checkpointer starts only after the
+        reload pending for it.
         """
         if self.policy is None:
             return
@@ -410,6 +413,7 @@ class ReplicatedCluster:
             if time.monotonic() > deadline:
                 raise ReplicationError(f"{sorted(expected)} did not become synchronous standbys within 30s")
             time.sleep(0.002)
+        self.primary.query("CHECKPOINT")
 
     def _wait_caught_up(self, timeout: float = 30.0) -> None:
         """Until every standby has flushed all the WAL the primary has now.
