@@ -330,3 +330,17 @@ def test_the_failover_marker_refuses_what_it_does_not_know(pytester):
             "*exai_failover takes only standbys= and synchronous=, got ()*replicas*",
         ]
     )
+
+
+def test_a_cluster_that_cannot_start_fails_its_test_with_the_reason(pytester):
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(
+        """
+        def test_needs_standbys(failover_harness):
+            pass
+        """
+    )
+    # Streaming needs wal_level replica: the run's setting, put over the cluster's, stops its primary.
+    result = pytester.runpytest("-p", "no:randomly", "--exai-pg-setting=wal_level=minimal")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*the replicated cluster did not start: ServerStartError: *"])

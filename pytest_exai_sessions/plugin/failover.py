@@ -8,14 +8,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from ..errors import ExaiSessionsError
 from ..server import find_bindir, server_os_user
 from ..server.pooler import PgBouncer, find_pgbouncer
 from ..server.replication import ClusterNode, base_backup_unsupported, parse_policy
 from ..testing.crash import CrashHarness
-from ..testing.db_clock import DbClock
 from ..testing.failover_clusters import FailoverClusters
 from .config import ExaiConfig
+from .harnesses import harness_on
 from .servers import initdb_cache_of
 from .templates import main_schema
 
@@ -97,22 +96,13 @@ async def failover_harness(
     waiting for a synchronous standby.
     """
     options = marker_options(request)
-    failure: str | None = None
-    try:
-        database = exai_failover_clusters.database(**options)
-    except ExaiSessionsError as error:
-        failure = f"the replicated cluster did not start: {type(error).__name__}: {error}"
-    if failure is not None:
-        pytest.fail(failure, pytrace=False)
-    clock = DbClock(database.dsn, start=exai_config.clock)
-    harness = CrashHarness(database, clock=clock)
-    try:
+    async with harness_on(
+        lambda: exai_failover_clusters.database(**options),
+        exai_failover_clusters.release,
+        clock_start=exai_config.clock,
+        what="the replicated cluster",
+    ) as harness:
         yield harness
-    finally:
-        try:
-            await harness.aclose()
-        finally:
-            exai_failover_clusters.release(database)
 
 
 def register_marker(config: pytest.Config) -> None:

@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from ..errors import ExaiSessionsError
 from ..server import find_bindir, server_os_user
 from ..server.power_loss import PowerLossPostgres, power_loss_unsupported
 from ..testing.crash import CrashHarness
-from ..testing.db_clock import DbClock
 from ..testing.power_loss_servers import PowerLossServers, Settings
 from .config import ExaiConfig
+from .harnesses import harness_on
 from .servers import initdb_cache_of
 from .templates import main_schema
 
@@ -78,22 +77,13 @@ async def power_loss_harness(
     Skips where no disk can lose power (not Linux, not root, no loop device), saying why.
     """
     settings = {**exai_config.pg_settings, **marker_settings(request)}
-    failure: str | None = None
-    try:
-        database = exai_power_loss_servers.database(settings)
-    except ExaiSessionsError as error:
-        failure = f"the power-loss server did not start: {type(error).__name__}: {error}"
-    if failure is not None:
-        pytest.fail(failure, pytrace=False)  # outside the except block: the reason, not a chain
-    clock = DbClock(database.dsn, start=exai_config.clock)
-    harness = CrashHarness(database, clock=clock)
-    try:
+    async with harness_on(
+        lambda: exai_power_loss_servers.database(settings),
+        exai_power_loss_servers.release,
+        clock_start=exai_config.clock,
+        what="the power-loss server",
+    ) as harness:
         yield harness
-    finally:
-        try:
-            await harness.aclose()
-        finally:
-            exai_power_loss_servers.release(database)
 
 
 def register_marker(config: pytest.Config) -> None:
