@@ -26,6 +26,7 @@ from pytest_exai_sessions.plugin.templates import main_schema
 from pytest_exai_sessions.server import find_bindir, server_os_user
 from pytest_exai_sessions.server.cluster import TemporaryPostgres
 from pytest_exai_sessions.server.pooler import PgBouncer
+from pytest_exai_sessions.testing.backends import terminate_backends
 from pytest_exai_sessions.testing.crash.client import WorkloadContext
 from pytest_exai_sessions.testing.crash.records import Completed, Record
 from pytest_exai_sessions.testing.databases import TestDatabases
@@ -212,10 +213,7 @@ async def test_a_call_that_never_reached_the_server_is_a_plain_failure(sync_rep)
     ) as manager:
         await manager.ensure("s")
         sync_rep.admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(ident))
-        sync_rep.admin(sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"), (dbname,))
-        # Until they are gone, a pooled connection may still look alive: a call sent on it is uncertain.
-        while sync_rep.admin(sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE datname = %s"), (dbname,))[0][0]:
-            await asyncio.sleep(0.005)
+        end_backends(sync_rep, dbname)
         try:
             for _attempt in range(2):  # the pool's connection refused, then the reconnect's probe
                 with pytest.raises(PersistenceError) as raised:
@@ -235,7 +233,7 @@ async def test_a_read_only_server_is_a_plain_failure_and_the_next_call_finds_a_w
         await manager.ensure("s")
         old_pool = manager.store.database._pool
         sync_rep.admin(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(ident))
-        sync_rep.admin(sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"), (dbname,))
+        end_backends(sync_rep, dbname)
         with pytest.raises(PersistenceError) as raised:
             await manager.update_activity("s", 5)
         assert not isinstance(raised.value, CommitUncertain)
@@ -244,6 +242,16 @@ async def test_a_read_only_server_is_a_plain_failure_and_the_next_call_finds_a_w
         sync_rep.admin(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(ident))
         assert (await manager.update_activity("s", 5)).request_count == 1
         assert manager.store.database._pool is not old_pool
+
+
+def end_backends(sync_rep, dbname):
+    """Terminate every backend of ``dbname`` and wait until they are gone.
+
+    Until then a pooled connection may still look alive to the store, which then sends a call
+    on it: a call the server ends is uncertain, not the plain failure these tests are about.
+    """
+    with psycopg.connect(sync_rep.server.dsn() + NO_WAIT, autocommit=True) as admin:
+        terminate_backends(admin, database=dbname)
 
 
 # request_id: a retry after CommitUncertain counts the request once.
