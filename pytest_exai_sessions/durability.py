@@ -75,7 +75,10 @@ class Finding:
 async def read_settings(dsn: str, **pool_options: Unpack[PoolOptions]) -> ServerSettings:
     """The settings as a ``SessionStore`` opened on ``dsn`` sees them, read through its own pool of one."""
     options: PoolOptions = {"application_name": APPLICATION_NAME, **pool_options, "min_size": 1, "max_size": 1}
-    async with await SessionStore.open(dsn, **options) as store, store.database.connection(_READING) as conn:
+    async with (
+        await SessionStore.open(dsn, **options) as store,
+        store.database.connection(_READING, writes=False) as conn,
+    ):
         cursor = await conn.execute(_READ, {"names": list(_NAMES)})
         rows = await cursor.fetchall()
         return _server_settings(conn.info, rows)

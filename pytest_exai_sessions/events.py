@@ -160,8 +160,10 @@ class EventStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _fetch_all(self, action: str, query: sql.Composed, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-        return await self.database.fetch_all(action, query, params, row_factory=dict_row)
+    async def _fetch_all(
+        self, action: str, query: sql.Composed, params: Mapping[str, Any], *, writes: bool = True
+    ) -> list[dict[str, Any]]:
+        return await self.database.fetch_all(action, query, params, row_factory=dict_row, writes=writes)
 
     async def record(self, event: Event) -> RecordedEvent:
         """Insert ``event``; return the row as stored (id, timestamps, standardised metadata)."""
@@ -239,7 +241,7 @@ class EventStore:
         if limit is not None:
             query = sql.Composed([query, sql.SQL(" LIMIT %(limit)s")])
             params["limit"] = limit
-        rows = await self._fetch_all("querying events", query, params)
+        rows = await self._fetch_all("querying events", query, params, writes=False)
         return [_to_model(RecordedEvent, row, TABLE_NAME) for row in rows]
 
     async def get(self, event_id: UUID | str) -> RecordedEvent | None:
@@ -251,7 +253,7 @@ class EventStore:
         query = sql.SQL("SELECT {columns} FROM {table} WHERE id = %(id)s").format(
             columns=_columns(_RECORDED_COLUMNS), table=TABLE
         )
-        rows = await self._fetch_all(f"loading event {key}", query, {"id": key})
+        rows = await self._fetch_all(f"loading event {key}", query, {"id": key}, writes=False)
         return _to_model(RecordedEvent, rows[0], TABLE_NAME) if rows else None
 
     # the summaries of the materialized views
@@ -265,7 +267,7 @@ class EventStore:
         query = sql.SQL("SELECT {columns} FROM {view} ORDER BY {order}").format(
             columns=_columns(list(model.model_fields)), view=sql.Identifier(*view), order=sql.SQL(order)
         )
-        rows = await self._fetch_all(f"reading {'.'.join(view)}", query, {})
+        rows = await self._fetch_all(f"reading {'.'.join(view)}", query, {}, writes=False)
         return [_to_model(model, row, view) for row in rows]
 
     async def recent_events(self) -> list[RecentEvent]:

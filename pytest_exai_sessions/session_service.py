@@ -338,7 +338,7 @@ async def _recent(database: Database, *, state: SessionState | None, limit: int)
     """Up to ``limit`` rows (of one ``state``, or any), the most recently active first."""
     query = _recent_query(of_one_state=state is not None)
     params = {"state": None if state is None else str(state), "limit": limit}
-    rows = await database.fetch_all("listing sessions", query, params)
+    rows = await database.fetch_all("listing sessions", query, params, writes=False)
     return [to_session(row) for row in rows]
 
 
