@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, LiteralString, Self
 
@@ -228,11 +228,12 @@ class ReplicatedCluster:
     external = False
     connect_timeout = 2
 
-    def __init__(self, make_node: Any, *, standbys: int = 1, synchronous: bool | str = True) -> None:
+    def __init__(
+        self, make_node: Callable[[str], ClusterNode], *, standbys: int = 1, synchronous: bool | str = True
+    ) -> None:
         if standbys < 1:
             raise ValueError(f"a failover needs standbys >= 1, got {standbys}")
         self.policy = parse_policy(synchronous)
-        self._make_node = make_node
         self.nodes: list[ClusterNode] = [make_node(f"node{i}") for i in range(standbys + 1)]
         self.primary = self.nodes[0]
         self.failovers = 0
