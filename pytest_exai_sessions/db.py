@@ -498,8 +498,8 @@ class Database:
         """A connection of the pool that the server has not closed, and that pool; nothing is sent yet.
 
         One the server closed while it was idle means the server went away (restarted, failed
-        over): the pool is replaced at once (``_reconnect``: one probe, which fails at once
-        while no server takes writes) and asked again. A pool ``check`` would do the same but
+        over): the call waits for a server to take a connection again (``_wait_for_server``),
+        the pool is replaced, and asked again. A pool ``check`` would discard it too, but then
         try the next connection only after its backoff, a second or more, in this very call.
         """
         if self._server_lost:
